@@ -1,0 +1,107 @@
+"""Readers of each on-disk dataset layout.
+
+`list_source(dataset, src)` detects the layout under `src` and returns a `Listing`: the classes, their
+English names and, per split, the `SourceFile`s to pack. Listing reads only names and headers (tar/zip
+member tables, annotation files), never image data, so it is fast even for the 150 GB ImageNet archives.
+`read_bytes(file.loc)` then fetches one image's bytes by offset, in any worker process.
+
+    python make_shards.py imagenet --src /data/imagenet --out shards/imagenet
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from imagenet_ddp.errors import UserError
+from imagenet_ddp.sources.readers import read_bytes
+
+__all__ = ["DATASETS", "Listing", "SourceFile", "list_source", "read_bytes", "sample_key"]
+
+DATASETS = ("imagenet", "tiny-imagenet", "folder")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    key: str  # sample key in the shards: unique within the split, no dots or slashes
+    wnid: str  # class id: a WordNet id for (Tiny) ImageNet, the folder name for generic folders
+    path: str  # where a person finds the file: a path, or archive/inner-archive/member
+    size: int  # bytes in the source
+    loc: tuple  # how read_bytes finds the bytes (see readers.py)
+
+
+@dataclass
+class Listing:
+    dataset: str
+    layout: str
+    src: str
+    classes: list[str]  # sorted class ids; position = class index, the same for every split
+    names: dict[str, str]  # class id -> English name
+    splits: dict[str, list[SourceFile]]
+    # Files named by the layout's annotations that cannot be packed (missing, unlabeled): never dropped
+    # silently, they go to the split's rejected.jsonl with this reason.
+    missing: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was seen but deliberately not packed
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sample_key(name: str) -> str:
+    """Key for a file name: its stem, with everything but letters, digits, '_' and '-' replaced.
+
+    webdataset and DALI split a member name at the first dot, so keys must not contain one."""
+    stem = Path(name).name
+    stem = stem[: stem.rfind(".")] if "." in stem else stem
+    return _UNSAFE.sub("_", stem)[:80] or "img"
+
+
+def _unique_keys(files: list[SourceFile]) -> list[SourceFile]:
+    """Make keys unique within a split (generic folders may hold `a/x.jpg` and `b/x.jpg`)."""
+    counts = Counter(f.key for f in files)
+    if all(n == 1 for n in counts.values()):
+        return files
+    taken = set(counts)
+    seen: Counter = Counter()
+    out = []
+    for f in sorted(files, key=lambda f: f.path):
+        if counts[f.key] > 1:
+            seen[f.key] += 1
+            key = f"{f.key}-{seen[f.key]}"
+            while key in taken:
+                seen[f.key] += 1
+                key = f"{f.key}-{seen[f.key]}"
+            taken.add(key)
+            f = replace(f, key=key)
+        out.append(f)
+    return out
+
+
+def list_source(dataset: str, src: str | Path, splits: tuple[str, ...] | None = None) -> Listing:
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"source not found: {src}")
+    if dataset == "imagenet":
+        from imagenet_ddp.sources.imagenet import list_imagenet as lister
+    elif dataset == "tiny-imagenet":
+        from imagenet_ddp.sources.tiny import list_tiny_imagenet as lister
+    elif dataset == "folder":
+        from imagenet_ddp.sources.folder import list_folder as lister
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    listing = lister(src)
+    if splits is not None:
+        unknown = [s for s in splits if s not in listing.splits]
+        if unknown:
+            raise UserError(
+                f"split {unknown[0]!r} not found in {src} ({listing.layout} layout has: "
+                f"{', '.join(listing.splits) or 'none'})"
+            )
+        listing.splits = {s: listing.splits[s] for s in splits}
+    if not any(listing.splits.values()):
+        raise UserError(f"no images found in {src} ({listing.layout} layout)")
+    for split, files in listing.splits.items():
+        listing.splits[split] = sorted(_unique_keys(files), key=lambda f: f.key)
+    return listing

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Pack ImageNet, Tiny ImageNet or an image folder tree into verified webdataset tar shards.
+
+    python make_shards.py imagenet --src /data/imagenet --out shards/imagenet --workers 16
+    python make_shards.py tiny-imagenet --src tiny-imagenet-200.zip --out shards/tiny
+    python make_shards.py folder --src my_photos --out shards/photos --max-side 256 --quality 90
+    python make_shards.py verify shards/imagenet/train shards/imagenet/val
+
+`imagenet` detects the original archives (ILSVRC2012_img_*.tar + devkit), the Kaggle layout or
+extracted train/<wnid> val/<wnid> folders. Re-running an interrupted job finishes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from imagenet_ddp.errors import UserError
+
+
+def _default_workers() -> int:
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def parse_args(argv):
+    from imagenet_ddp.imagecheck import CHECKS
+    from imagenet_ddp.sources import DATASETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for dataset in DATASETS:
+        s = sub.add_parser(dataset, help=f"pack {dataset} into shards")
+        s.add_argument("--src", required=True, help="dataset folder, archive folder or zip")
+        s.add_argument("--out", help=f"output root (default: shards/{dataset})")
+        s.add_argument("--splits", help="comma-separated splits to pack (default: all found)")
+        size = s.add_mutually_exclusive_group()
+        size.add_argument(
+            "--shard-size", type=_positive, default=1250, help="samples per shard (default 1250)"
+        )
+        size.add_argument("--shard-bytes", type=_size, help="source bytes per shard instead, e.g. 500M")
+        s.add_argument("--max-side", type=_positive, help="re-encode images larger than this many pixels")
+        s.add_argument(
+            "--quality",
+            type=int,
+            default=95,
+            choices=range(1, 101),
+            metavar="1-100",
+            help="JPEG quality of re-encoded images (default 95)",
+        )
+        s.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+        s.add_argument(
+            "--check",
+            choices=CHECKS,
+            default="decode",
+            help="decode every image (default) or read headers only (pack-only mode)",
+        )
+        s.add_argument(
+            "--workers", type=_positive, default=_default_workers(), help="processes (default: CPUs)"
+        )
+    v = sub.add_parser("verify", help="re-check shard splits against their manifests")
+    v.add_argument("splits", nargs="+", help="split folders, e.g. shards/imagenet/train")
+    v.add_argument("--workers", type=_positive, default=_default_workers())
+    return p.parse_args(argv)
+
+
+def pack(args) -> int:
+    from imagenet_ddp.shards import PackOptions, pack_split
+    from imagenet_ddp.sources import list_source
+
+    splits = tuple(args.splits.split(",")) if args.splits else None
+    listing = list_source(args.command, args.src, splits)
+    out = Path(args.out or f"shards/{args.command}")
+    counts = ", ".join(f"{s} {len(f)}" for s, f in listing.splits.items())
+    print(
+        f"{listing.dataset} ({listing.layout} layout) in {listing.src}: {len(listing.classes)} classes, {counts} files"
+    )
+    for note in listing.notes:
+        print(f"note: {note}")
+    opts = PackOptions(args.shard_size, args.shard_bytes, args.max_side, args.quality, args.seed, args.check)
+    for split in listing.splits:
+        r = pack_split(listing, split, out, opts, args.workers)
+        if r.skipped:
+            print(f"{split}: already complete in {r.out} ({r.num_samples} images, {r.num_rejected} rejected)")
+            continue
+        rate = r.num_samples / max(r.seconds, 1e-9)
+        print(
+            f"{split}: {r.num_samples} images in {r.out}, {r.num_rejected} rejected"
+            f"{f' (see {r.out}/rejected.jsonl)' if r.num_rejected else ''}, {r.bytes / 1e6:.1f} MB, "
+            f"{r.seconds:.1f} s, {rate:.0f} img/s, {r.bytes / 1e6 / max(r.seconds, 1e-9):.1f} MB/s"
+        )
+    return 0
+
+
+def verify(args) -> int:
+    from imagenet_ddp.verify import verify_splits
+
+    problems = verify_splits(args.splits, args.workers)
+    for line in problems:
+        print(line)
+    print(
+        f"verify: {len(problems)} problem(s) in {', '.join(args.splits)}"
+        if problems
+        else f"verify: OK {', '.join(args.splits)}"
+    )
+    return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return verify(args) if args.command == "verify" else pack(args)
+    except UserError as e:
+        print(f"make_shards.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("make_shards.py: interrupted; re-run the same command to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
