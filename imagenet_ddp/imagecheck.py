@@ -80,6 +80,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _baseline_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) if `data` is a complete-looking 8-bit, 3-component baseline JPEG, else None.
+
+    A marker walk up to the frame header: ~20x cheaper than PIL's full header parse, for pack-only
+    mode. Anything unusual returns None and goes through PIL."""
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+        return None
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xC0, 0xC1):  # baseline / extended sequential, Huffman
+            frame = data[pos + 4 : pos + 10]
+            if len(frame) < 6 or frame[0] != 8 or frame[5] != 3:
+                return None
+            return int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return None  # progressive, lossless or arithmetic frame, or scan data before any frame
+        pos += 2 + length
+    return None
+
+
 def prepare(
     data: bytes, *, max_side: int | None = None, quality: int = 95, check: str = "decode"
 ) -> Prepared:
@@ -90,6 +117,10 @@ def prepare(
     found, at a fraction of the cost of a full decode. check="header" ("pack only") reads headers and
     checks that a kept JPEG ends with its end-of-image marker; `make_shards.py verify` decodes later.
     """
+    if check == "header":
+        size = _baseline_jpeg_size(data)
+        if size is not None and (max_side is None or max(size) <= max_side):
+            return Prepared(data, *size, None)
     img = _open(data)
     width, height = img.size
     reason = _needs_conversion(img, max_side)

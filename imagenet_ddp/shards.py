@@ -18,7 +18,6 @@ last: its presence means the split is complete.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -95,28 +94,32 @@ def _fingerprint(listing: Listing, split: str, opts: PackOptions) -> str:
     return h.hexdigest()
 
 
-class _HashingFile(io.RawIOBase):
+class _TarWriter:
+    """A POSIX (ustar) tar written member by member, hashing as it goes and knowing its offsets.
+
+    Fixed member metadata (mtime 0, root, 0644): the same samples always give the same bytes, whoever
+    runs the job and whenever."""
+
     def __init__(self, f):
-        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+        self.f, self.sha, self.offset = f, hashlib.sha256(), 0
 
-    def writable(self):
-        return True
-
-    def write(self, b):
+    def _write(self, b: bytes) -> None:
         self.f.write(b)
         self.sha.update(b)
-        self.pos += len(b)
-        return len(b)
+        self.offset += len(b)
 
-    def tell(self):
-        return self.pos
+    def add(self, name: str, data: bytes) -> int:
+        """Append a member; return the offset of its data (what DALI's index records)."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        start = self.offset
+        self._write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        return start
 
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed metadata: the same samples always give the same bytes, whoever runs the job and when.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
-    return info
+    def close(self) -> None:
+        end = self.offset + 2 * tarfile.BLOCKSIZE  # two zero blocks end the archive
+        self._write(b"\0" * (end - self.offset + (-end % tarfile.RECORDSIZE)))
 
 
 def write_shard(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict:
@@ -127,35 +130,33 @@ def write_shard(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
     tmp_tar = out / f".{name}.tar.tmp-{os.getpid()}"
     index_lines, rejected = [], []
     with open(tmp_tar, "wb") as raw:
-        hashing = _HashingFile(raw)
-        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for f in job["files"]:
-                try:
-                    img = prepare(
-                        read_bytes(f.loc), max_side=opts.max_side, quality=opts.quality, check=opts.check
-                    )
-                except Rejected as e:
-                    rejected.append({"source": f.path, "wnid": f.wnid, "reason": str(e)})
-                    progress(1)
-                    continue
-                meta = {"wnid": f.wnid, "source": f.path, "width": img.width, "height": img.height}
-                if img.converted:
-                    meta["converted"] = img.converted
-                parts = []
-                for ext, data in (
-                    ("jpg", img.jpeg),
-                    ("cls", str(classes[f.wnid]).encode()),
-                    ("json", json.dumps(meta).encode()),
-                ):
-                    member = f"{f.key}.{ext}"
-                    # Data starts one 512-byte USTAR header after the member's header.
-                    parts.append(f"{ext} {tar.offset + 512} {len(data)} {member}")
-                    tar.addfile(_member(member, len(data)), io.BytesIO(data))
-                index_lines.append(" ".join(parts))
+        tar = _TarWriter(raw)
+        for f in job["files"]:
+            try:
+                img = prepare(
+                    read_bytes(f.loc), max_side=opts.max_side, quality=opts.quality, check=opts.check
+                )
+            except Rejected as e:
+                rejected.append({"source": f.path, "wnid": f.wnid, "reason": str(e)})
                 progress(1)
+                continue
+            meta = {"wnid": f.wnid, "source": f.path, "width": img.width, "height": img.height}
+            if img.converted:
+                meta["converted"] = img.converted
+            parts = []
+            for ext, data in (
+                ("jpg", img.jpeg),
+                ("cls", str(classes[f.wnid]).encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                member = f"{f.key}.{ext}"
+                parts.append(f"{ext} {tar.add(member, data)} {len(data)} {member}")
+            index_lines.append(" ".join(parts))
+            progress(1)
+        tar.close()
         raw.flush()
         os.fsync(raw.fileno())
-    size = hashing.pos
+    size = tar.offset
     os.replace(tmp_tar, tar_path)
     index = f"{INDEX_VERSION} {len(index_lines)}\n" + "".join(line + "\n" for line in index_lines)
     atomic_write(idx_path, index.encode())
@@ -164,7 +165,7 @@ def write_shard(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
         "index": idx_path.name,
         "num_samples": len(index_lines),
         "bytes": size,
-        "sha256": hashing.sha.hexdigest(),
+        "sha256": tar.sha.hexdigest(),
         "rejected": rejected,
     }
     atomic_write(out / ".parts" / f"{name}.json", _json_bytes(record))
