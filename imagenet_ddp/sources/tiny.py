@@ -108,7 +108,7 @@ def list_tiny_imagenet(src: Path) -> Listing:
         for rel, n in val_files:
             wnid = labels.pop(PurePosixPath(rel).name, None)
             if wnid is None:
-                missing["val"].append((tree.source(rel, n, "").path, "no label in val_annotations.txt"))
+                missing["val"].append((tree.path(rel), "no label in val_annotations.txt"))
             else:
                 val.append(tree.source(rel, n, wnid))
         missing["val"] += [
