@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) make_shards.py tiny-imagenet --src $(DEMO_SRC) --out $(DEMO_OUT) --workers 2
+	$(PY) make_shards.py tiny-imagenet --src $(DEMO_SRC) --out $(DEMO_OUT) --shard-size 100 --workers 2
 	$(PY) make_shards.py verify $(DEMO_OUT)/train $(DEMO_OUT)/val
 
 lint: install

@@ -1,0 +1,12 @@
+"""python -m imagenet_ddp.bench {shards,loaders} [options]"""
+
+import importlib
+import sys
+
+BENCHES = ("shards", "loaders")
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        print(f"usage: python -m imagenet_ddp.bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(importlib.import_module(f"imagenet_ddp.bench.{sys.argv[1]}").main(sys.argv[2:]))
