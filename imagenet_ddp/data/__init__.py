@@ -1,0 +1,115 @@
+"""The loader contract: one factory, three backends (dali, torch, synthetic).
+
+    torchrun --standalone --nproc_per_node=8 train_ddp.py data.root=shards/imagenet data.backend=dali
+
+    loader = build_loader(cfg, "train", rank=rank, world_size=world_size, device=device, seed=seed)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:       # float32 [B,3,H,W] on device, int64 [B]
+            ...
+    loader.close()
+
+Every backend's loader:
+- yields (images, labels): images normalized (ImageNet mean/std) on `device`, channels_last when
+  `cfg.channels_last`; labels int64 class indexes;
+- has len() = steps per epoch, the same on every rank (unequal counts hang DDP);
+- set_epoch(e): the samples and their order in epoch e are a pure function of (seed, e) for a
+  given (world_size, cfg); train batches are always full (an epoch drops < world_size x batch
+  samples, different ones each epoch);
+- eval (split != "train", or train=False): visits every sample of the split exactly once across
+  ranks. Batches keep their size; padding samples carry label PAD_LABEL (-100, cross_entropy's
+  ignore_index; any negative label works as the test): count real samples as
+  (labels >= 0).sum(), and sum that over ranks;
+- close() (or `with`): releases worker processes / DALI pipelines.
+
+Ranks split a split's samples, not its files (plan.py), with GLOBAL ranks: any number of shard
+files serves any world size, with equal steps; fewer files than ranks x readers only warns.
+
+Backends are imported on demand: only `backend="dali"` needs NVIDIA DALI.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from imagenet_ddp.data.base import Loader
+from imagenet_ddp.data.presets import PAD_LABEL
+from imagenet_ddp.errors import UserError
+
+__all__ = ["BACKENDS", "PAD_LABEL", "DataConfig", "Loader", "build_loader"]
+
+BACKENDS = ("dali", "torch", "synthetic")
+DALI_INSTALL = "pip install nvidia-dali-cuda130 (or: pip install -e .[dali])"
+
+
+@dataclass
+class DataConfig:
+    """The `data` section of a training config."""
+
+    root: str = "shards/imagenet"  # holds <split>/manifest.json and its shards (make_shards.py --out)
+    backend: str = "dali"  # dali | torch | synthetic (random tensors, for benchmarks)
+    image_size: int = 224  # train crop side (RandomResizedCrop output)
+    eval_size: int = 224  # eval crop side; the image is first resized to eval_size / eval_crop_ratio
+    eval_crop_ratio: float = 0.875  # 224 / 256, as in the reference ResNet evaluation
+    batch_size: int = 256  # per process
+    workers: int = 4  # per process: DataLoader worker processes (torch) or CPU threads (dali)
+    channels_last: bool = True  # memory format of the images (faster convolutions with AMP)
+    shuffle_buffer: int = 1024  # samples each reader holds to shuffle train order (~110 KB each)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"data.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        for name in ("image_size", "eval_size", "batch_size", "shuffle_buffer"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"data.{name} must be at least 1, not {getattr(self, name)}")
+        if self.workers < 0:
+            raise UserError(f"data.workers must be 0 or more, not {self.workers}")
+        if not 0 < self.eval_crop_ratio <= 1:
+            raise UserError(f"data.eval_crop_ratio must be in (0, 1], not {self.eval_crop_ratio}")
+
+
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    train: bool | None = None,
+) -> Loader:
+    """A loader of `split` for global `rank` of `world_size`; train mode defaults to split == "train"."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    device = torch.device(device)
+    train = split == "train" if train is None else train
+    args = dict(rank=rank, world_size=world_size, device=device, seed=seed, train=train)
+    if cfg.backend == "synthetic":
+        from imagenet_ddp.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg, split, **args)
+
+    from imagenet_ddp.data.shardset import open_split
+
+    shards = open_split(cfg.root, split)
+    shards.check_files()
+    readers = max(1, cfg.workers) if cfg.backend == "torch" else 1
+    if len(shards.shards) < world_size * readers:
+        hint = "; more shards shuffle better (make_shards.py --shard-size)" if train else ""
+        warnings.warn(
+            f"{shards.dir}: {len(shards.shards)} shard files for {world_size} ranks x {readers} readers: "
+            f"readers share files (steps stay equal){hint}",
+            stacklevel=2,
+        )
+    if cfg.backend == "torch":
+        from imagenet_ddp.data.torch_backend import TorchLoader
+
+        return TorchLoader(cfg, shards, **args)
+    try:
+        from imagenet_ddp.data.dali_backend import DaliLoader
+    except ImportError as e:
+        raise UserError(f"data.backend 'dali' needs NVIDIA DALI ({e}): {DALI_INSTALL}") from None
+    return DaliLoader(cfg, shards, **args)

@@ -1,0 +1,78 @@
+"""What every backend's loader has in common: the contract's bookkeeping, not its data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from imagenet_ddp.data.plan import eval_steps, train_steps
+from imagenet_ddp.errors import UserError
+
+
+class Loader:
+    """Batches of one split for one rank; see `imagenet_ddp.data` for the contract.
+
+    Attributes: split, train, batch_size, steps (= len), num_samples (the whole split, all ranks),
+    classes (wnids), class_names, num_classes, epoch.
+    """
+
+    def __init__(
+        self,
+        *,
+        split: str,
+        train: bool,
+        batch_size: int,
+        steps: int,
+        num_samples: int,
+        classes: list[str],
+        class_names: list[str],
+    ):
+        self.split, self.train, self.batch_size, self.steps = split, train, batch_size, steps
+        self.num_samples, self.classes, self.class_names = num_samples, classes, class_names
+        self.epoch = 0
+        self._running: Iterator | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # One pass at a time: starting a new one ends the previous (its workers, its pipeline).
+        self.close()
+        self._running = self._batches()
+        return self._running
+
+    def close(self) -> None:
+        """End the current pass, if any, releasing worker processes or DALI pipelines at once."""
+        running, self._running = self._running, None
+        if running is not None:
+            running.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def count_steps(split: str, num_samples: int, world_size: int, batch_size: int, train: bool) -> int:
+    """Steps per epoch on every rank; a one-line error when training would get no full batch."""
+    if not train:
+        return eval_steps(num_samples, world_size, batch_size)
+    steps = train_steps(num_samples, world_size, batch_size)
+    if steps == 0:
+        raise UserError(
+            f"split {split!r} has {num_samples} samples: not one full batch of {batch_size} "
+            f"for each of {world_size} ranks; lower data.batch_size"
+        )
+    return steps

@@ -1,0 +1,330 @@
+"""The loader contract, checked on every backend installed here, over shards made by make_shards.py.
+
+The fixture dataset has 130 classes (labels "5" and "123" share batches), 2 train images and
+1 val image per class, so a val label names one sample: exact-once coverage is a label check.
+Shard sizes are uneven (48 samples per shard plus a remainder) so ranks get unequal file counts.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagenet_ddp.data import PAD_LABEL, DataConfig, build_loader
+from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
+from imagenet_ddp.data.shardset import open_split, read_index
+from imagenet_ddp.errors import UserError
+from tests.fixtures import make_imagenet_extracted
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES, TRAIN_PER_CLASS = 130, 2
+SIZE, BATCH = 32, 8
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAS_DALI = True
+except ImportError:
+    HAS_DALI = False
+DALI = pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed"))
+REAL = ["torch", DALI]
+ALL = ["torch", DALI, "synthetic"]
+
+
+def make_shards(src: Path, out: Path, shard_size: int) -> Path:
+    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(src), "--out", str(out)]
+    cmd += ["--shard-size", str(shard_size), "--workers", "1"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("source")
+    make_imagenet_extracted(
+        root,
+        num_classes=NUM_CLASSES,
+        per_class=TRAIN_PER_CLASS,
+        val_per_class=1,
+        bad=False,
+        side_range=(40, 120),
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards(source, tmp_path_factory) -> Path:
+    """train: 5 shards of 48 + one of 20; val: 48, 48, 34."""
+    return make_shards(source, tmp_path_factory.mktemp("shards"), 48)
+
+
+@pytest.fixture(scope="session")
+def one_shard(source, tmp_path_factory) -> Path:
+    return make_shards(source, tmp_path_factory.mktemp("one_shard"), 1000)
+
+
+def config(root, backend, **kw) -> DataConfig:
+    args = dict(root=str(root), backend=backend, image_size=SIZE, eval_size=SIZE, batch_size=BATCH, workers=2)
+    return DataConfig(**{**args, **kw})
+
+
+def epoch(cfg, split, *, rank=0, world_size=1, seed=0, at=0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    with build_loader(cfg, split, rank=rank, world_size=world_size, seed=seed) as loader:
+        loader.set_epoch(at)
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+        assert len(batches) == len(loader)
+    return [x for x, _ in batches], [y for _, y in batches]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_have_the_contract_shapes(shards, backend, split, channels_last):
+    cfg = config(shards, backend, channels_last=channels_last, image_size=40, eval_size=SIZE)
+    with build_loader(cfg, split, device="cpu") as loader:
+        assert loader.num_classes == NUM_CLASSES
+        assert loader.num_samples == open_split(shards, split).num_samples
+        count = 0
+        for images, labels in loader:
+            side = 40 if split == "train" else SIZE
+            assert images.shape == (BATCH, 3, side, side) and images.dtype == torch.float32
+            assert images.device.type == "cpu" and labels.device.type == "cpu"
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert images.is_contiguous(memory_format=fmt)
+            assert labels.shape == (BATCH,) and labels.dtype == torch.int64
+            assert ((labels >= 0) & (labels < NUM_CLASSES) | (labels == PAD_LABEL)).all()
+            count += 1
+        assert count == len(loader) > 0
+    if backend != "synthetic":
+        # Normalized with ImageNet statistics: the JPEG pixels land in [-2.2, 2.7].
+        assert float(images.min()) >= -2.2 and float(images.max()) <= 2.7
+
+
+@pytest.mark.filterwarnings("ignore:.*readers share files")
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_equal_steps_and_val_sees_every_sample_once(shards, backend, world_size):
+    val_cfg, train_cfg = config(shards, backend), config(shards, backend)
+    steps, seen, train_steps = [], [], []
+    for rank in range(world_size):
+        _, labels = epoch(val_cfg, "val", rank=rank, world_size=world_size)
+        steps.append(len(labels))
+        seen += [y for batch in labels for y in batch.tolist() if y != PAD_LABEL]
+        with build_loader(train_cfg, "train", rank=rank, world_size=world_size) as loader:
+            train_steps.append(len(loader))
+    assert len(set(steps)) == 1 and len(set(train_steps)) == 1
+    assert train_steps[0] == NUM_CLASSES * TRAIN_PER_CLASS // (world_size * BATCH)
+    if backend != "synthetic":
+        assert sorted(seen) == list(range(NUM_CLASSES))  # val label i is sample i: each exactly once
+    else:
+        assert len(seen) == NUM_CLASSES
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_a_train_epoch_visits_no_sample_twice(shards, backend):
+    # The torch backend's epoch is a permutation of (all but < world_size x batch) samples.
+    world_size, labels = 3, []
+    for rank in range(world_size):
+        labels += epoch(config(shards, backend), "train", rank=rank, world_size=world_size)[1]
+    labels = torch.cat(labels).tolist()
+    counts = Counter(labels)
+    assert max(counts.values()) <= TRAIN_PER_CLASS
+    assert len(labels) == NUM_CLASSES * TRAIN_PER_CLASS // (world_size * BATCH) * world_size * BATCH
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_dali_and_torch_batches_mix_one_and_three_digit_labels(shards, backend):
+    _, labels = epoch(config(shards, backend), "train")
+    assert any((b < 10).any() and (b >= 100).any() for b in labels)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_epoch_order_is_a_function_of_seed_and_epoch(shards, backend):
+    cfg = config(shards, backend)
+    images, labels = epoch(cfg, "train", seed=7, at=1)
+    with build_loader(cfg, "train", seed=7) as loader:  # resumed run: epoch 0, then epoch 1
+        list(loader)
+        loader.set_epoch(1)
+        again = [(x.clone(), y.clone()) for x, y in loader]
+    assert all(torch.equal(y, y2) for y, (_, y2) in zip(labels, again, strict=True))
+    assert all(torch.equal(x, x2) for x, (x2, _) in zip(images, again, strict=True))
+    other_epoch = torch.cat(epoch(cfg, "train", seed=7, at=2)[1])
+    other_seed = torch.cat(epoch(cfg, "train", seed=8, at=1)[1])
+    assert not torch.equal(other_epoch, torch.cat(labels)) and not torch.equal(other_seed, torch.cat(labels))
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_dali_and_torch_eval_images_agree(shards):
+    # Same libjpeg-turbo decode, same resize grid and crop origin: only rounding may differ.
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    out = {}
+    for backend in ("torch", "dali"):
+        images, labels = epoch(config(shards, backend, eval_size=40, batch_size=16), "val")
+        out[backend] = torch.cat(images) * std + mean, torch.cat(labels)
+    assert torch.equal(out["torch"][1], out["dali"][1])
+    real = out["torch"][1] != PAD_LABEL
+    diff = (out["torch"][0] - out["dali"][0])[real].abs()
+    assert float(diff.max()) <= 2.01 and float(diff.mean()) < 0.5
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_fewer_shards_than_readers_warns_and_keeps_steps_equal(one_shard, backend):
+    cfg, world_size = config(one_shard, backend), 3
+    seen, val_steps, train_steps = [], set(), set()
+    for rank in range(world_size):
+        with pytest.warns(UserWarning, match="1 shard files for 3 ranks"):
+            _, labels = epoch(cfg, "val", rank=rank, world_size=world_size)
+        val_steps.add(len(labels))
+        seen += [y for batch in labels for y in batch.tolist() if y != PAD_LABEL]
+        with pytest.warns(UserWarning, match="1 shard files for 3 ranks"):
+            train_steps.add(len(epoch(cfg, "train", rank=rank, world_size=world_size)[1]))
+    assert len(val_steps) == 1 and len(train_steps) == 1
+    assert sorted(seen) == list(range(NUM_CLASSES))
+
+
+def corrupt_copy(shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    return copy
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_truncated_shard_is_named_before_reading(shards, tmp_path, backend):
+    root = corrupt_copy(shards, tmp_path)
+    victim = root / "train" / "train-000002.tar"
+    victim.write_bytes(victim.read_bytes()[:-3000])
+    with pytest.raises(UserError, match=r"shard .*train-000002\.tar is \d+ bytes, the manifest says"):
+        build_loader(config(root, backend), "train")
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_damaged_jpeg_names_the_shard(shards, tmp_path, backend):
+    root = corrupt_copy(shards, tmp_path)
+    split = open_split(root, "val")
+    victim = split.shards[1]
+    offset = int(read_index(victim).jpg[3, 0])
+    with open(victim.path, "r+b") as f:  # same size: only the content check can find it
+        f.seek(offset)
+        f.write(b"\0" * 64)
+    with pytest.raises(UserError, match=r"val-000001\.tar"):
+        epoch(config(root, backend), "val")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("no_root", r"shards directory .* does not exist"),
+        ("no_split", r"no 'val' split in .*splits found: train"),
+        ("empty", r"split 'val' in .* is empty"),
+        ("classes", r"classes differ between .*val/manifest.json and .*train/manifest.json"),
+    ],
+)
+def test_bad_roots_give_one_line_errors(shards, tmp_path, change, message):
+    root = corrupt_copy(shards, tmp_path)
+    manifest = root / "val" / "manifest.json"
+    if change == "no_root":
+        root = tmp_path / "nowhere"
+    elif change == "no_split":
+        shutil.rmtree(root / "val")
+    else:
+        data = json.loads(manifest.read_text())
+        if change == "empty":
+            data.update(num_samples=0, shards=[])
+        else:
+            data["classes"][3], data["classes"][4] = data["classes"][4], data["classes"][3]
+        manifest.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=message) as info:
+        build_loader(config(root, "torch"), "val")
+    assert "\n" not in str(info.value)
+
+
+def test_closing_mid_epoch_leaves_no_worker_processes(shards):
+    loader = build_loader(config(shards, "torch", workers=2), "train")
+    next(iter(loader))
+    assert multiprocessing.active_children()
+    loader.close()
+    assert not multiprocessing.active_children()
+    for _ in loader:  # a pass broken off by a new pass also shuts its workers down
+        break
+    next(iter(loader))
+    assert len(multiprocessing.active_children()) == 2
+    loader.close()
+    assert not multiprocessing.active_children()
+
+
+def test_synthetic_without_shards_is_imagenet_sized(tmp_path):
+    cfg = DataConfig(root=str(tmp_path / "none"), backend="synthetic", batch_size=256, image_size=16)
+    with build_loader(cfg, "train", rank=1, world_size=8) as loader:
+        assert len(loader) == 1_281_167 // (8 * 256) and loader.num_classes == 1000
+        images, labels = next(iter(loader))
+        assert images.shape == (256, 3, 16, 16) and labels.max() < 1000
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(UserError, match="data.backend must be one of dali, torch, synthetic"):
+        DataConfig(backend="ffcv")
+
+
+def test_without_dali_the_torch_backend_works_and_dali_says_how_to_install(shards):
+    # A fresh interpreter in which `import nvidia.dali` fails, as on a machine without it.
+    code = f"""
+import sys
+from importlib.abc import MetaPathFinder
+class NoDali(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, NoDali())
+from imagenet_ddp.data import DataConfig, build_loader
+from imagenet_ddp.errors import UserError
+cfg = DataConfig(root={str(shards)!r}, backend="torch", eval_size=32, batch_size=8, workers=0)
+with build_loader(cfg, "val") as loader:
+    images, labels = next(iter(loader))
+print("torch ok", tuple(images.shape))
+try:
+    build_loader(DataConfig(root={str(shards)!r}, backend="dali"), "val")
+except UserError as e:
+    print("error:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "torch ok (8, 3, 32, 32)" in out.stdout
+    assert "error: data.backend 'dali' needs NVIDIA DALI" in out.stdout
+    assert "pip install nvidia-dali-cuda130" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_dali_train_graph_of_cuda_devices_runs(shards):
+    # No GPU here: run the graph that CUDA devices use (DALI resizes, not torchvision) on CPU threads.
+    from imagenet_ddp.data.dali_backend import _pipeline
+
+    split = open_split(shards, "train")
+    pipe = _pipeline(
+        paths=[str(s.path) for s in split.shards],
+        index_paths=[str(s.index_path) for s in split.shards],
+        rank=0,
+        world_size=1,
+        train=True,
+        decoder="cpu",
+        image_size=SIZE,
+        resize=SIZE,
+        shuffle_buffer=16,
+        crop_only=False,
+        batch_size=BATCH,
+        num_threads=1,
+        device_id=None,
+        seed=0,
+    )
+    pipe.build()
+    images, labels = pipe.run()
+    assert images.as_tensor().shape() == [BATCH, SIZE, SIZE, 3]
+    assert labels.as_tensor().shape()[0] == BATCH
+    del pipe
