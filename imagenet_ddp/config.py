@@ -1,0 +1,403 @@
+"""The training configuration: one typed schema, a recipe YAML plus dotted overrides, strict checks.
+
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml \
+        train.epochs=40 optim.lr=0.5 run.dir=runs/r50-40ep
+
+Every key of a YAML file or an override must exist in the schema and have the right type; an error names
+the key, the file and line, and the closest valid key. Values that depend on the world size or on the
+data (global batch, scaled LR, steps) are computed in `resolve` only, and written with the rest to the run
+folder (`config.yaml`), the checkpoint and W&B under `derived`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from imagenet_ddp.data import BACKENDS
+from imagenet_ddp.data import DataConfig as LoaderConfig
+from imagenet_ddp.data.presets import eval_resize_size
+from imagenet_ddp.errors import UserError
+
+
+class ConfigError(UserError):
+    """A key or value that the schema does not accept."""
+
+
+# The `data` section is the loaders' DataConfig (documented in imagenet_ddp/data/__init__.py) without
+# batch_size and channels_last: those are train.batch_size and train.channels_last, one value for the
+# loader and the model. `loader_config` puts them back.
+_FROM_TRAIN = ("batch_size", "channels_last")
+
+
+def _data_section():
+    hints = typing.get_type_hints(LoaderConfig)
+    fields = []
+    for f in dataclasses.fields(LoaderConfig):
+        if f.name in _FROM_TRAIN:
+            continue
+        tp = Literal[BACKENDS] if f.name == "backend" else hints[f.name]  # a typo gets a close match
+        fields.append((f.name, tp, field(default=f.default, default_factory=f.default_factory)))
+    section = dataclasses.make_dataclass("DataConfig", fields)
+    section.__module__ = __name__
+    return section
+
+
+DataConfig = _data_section()
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # a torchvision.models name, see models.MODELS
+    small_input: bool = False  # stem for 32-64 px inputs: 3x3 stride-1 first conv, no max-pool
+    zero_init_residual: bool = True  # ResNets: last BN of each block starts at 0 (Goyal et al. 2017)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    batch_size: int = 64  # per process (per GPU)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # max global grad norm; 0: no clipping
+    ema_decay: float = 0.0  # EMA of weights per optimizer step; 0: no EMA
+    max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/Inf gradient
+    deterministic: bool = False  # deterministic algorithms (slower), seeded everything
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # for a global batch of ref_batch_size; scaled linearly to the real one
+    ref_batch_size: int = 256  # 0: use lr as is
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    wd_on_norm_and_bias: bool = False
+    warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
+    warmup_start_factor: float = 0.1
+    min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints, wandb/
+    name: str | None = None  # None: the folder's name
+    checkpoint_every: int = 0  # also save last.pt every this many steps; 0: at epoch ends only
+    keep_last: int = 2  # step checkpoints kept beside last.pt and best.pt
+    resume: bool = True  # continue from run.dir/last.pt when it exists
+    timeout_s: int = 900  # collective timeout: a dead or hung rank ends the job instead of hanging it
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 50  # steps between console/W&B step metrics (each costs one device sync)
+    wandb: bool = True
+    wandb_project: str = "imagenet-ddp"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None  # runs of one sweep share a group
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: online if a key is set, else offline
+    wandb_init_timeout: float = 15.0  # online init timeout (wandb may retry 2-4x this); then offline
+
+
+@dataclass
+class Derived:
+    """Computed by `resolve`, never set by hand: written for the record, recomputed on every start."""
+
+    world_size: int = 1
+    global_batch_size: int = 0  # batch_size * world_size * grad_accum
+    lr: float = 0.0  # optim.lr scaled by global_batch_size / ref_batch_size
+    precision: str = "fp32"
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    eval_resize: int = 0  # evaluation: shorter side resized to this, then centre crop data.eval_size
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    derived: Derived = field(default_factory=Derived)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "None" if tp is type(None) else str(tp)
+    )
+
+
+def _check_value(value, tp, where: str):
+    """`value` converted to `tp`, or ConfigError naming `where`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)} like [a, b], got {value!r}")
+        return [_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    # bool is an int in Python; a config that says `epochs: true` is a mistake, not 1.
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string: accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _suggest(key: str, section: str | None, schema: dict[str, type]) -> str:
+    """' (did you mean ...?)' for an unknown key: a close name here, or the same name in another section."""
+    if section is None:
+        close = difflib.get_close_matches(key, list(schema), n=1)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    elsewhere = [f"{s}.{key}" for s, cls in schema.items() if s != section and key in _fields(cls)]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]}?)"
+    keys = list(_fields(schema[section]))
+    here = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [k for k in keys if k.startswith(key)]
+    if here:
+        return f" (did you mean {section}.{here[0]}?)"
+    return f" (valid keys of {section}: {', '.join(_fields(schema[section]))})"
+
+
+def _build(data: dict, source: str, lines: dict[str, int], allow_derived: bool) -> Config:
+    """A Config from nested dicts: every key must exist, every value must have its type."""
+
+    def where(key: str) -> str:
+        line = lines.get(key)
+        return f"{source}:{line}: {key}" if line else f"{source}: {key}" if source else key
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...)")
+    schema = _fields(Config)
+    sections = {}
+    for name, values in data.items():
+        if name not in schema:
+            raise ConfigError(f"{where(str(name))}: unknown section{_suggest(str(name), None, schema)}")
+        if name == "derived" and not allow_derived:
+            raise ConfigError(f"{where(name)}: computed at start-up, cannot be set (set the inputs instead)")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where(name)}: expected a mapping of keys, got {values!r}")
+        keys = _fields(schema[name])
+        checked = {}
+        for key, value in values.items():
+            dotted = f"{name}.{key}"
+            if key not in keys:
+                raise ConfigError(f"{where(dotted)}: unknown key{_suggest(str(key), name, schema)}")
+            checked[key] = _check_value(value, keys[key], where(dotted))
+        sections[name] = schema[name](**checked)
+    return Config(**sections)
+
+
+def _yaml_lines(text: str, source: str) -> dict[str, int]:
+    """Line of each dotted key in a YAML text, and ConfigError on a key given twice (YAML keeps the last)."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            if dotted in lines:
+                raise ConfigError(f"{source}:{key_node.start_mark.line + 1}: {dotted} is given twice")
+            lines[dotted] = key_node.start_mark.line + 1
+            if not prefix:
+                walk(value_node, f"{dotted}.")
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return lines
+
+
+def _parse_override(text: str, schema: dict[str, type]) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value parsed as YAML, or raw text for string keys)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.epochs=10")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    if section not in schema:
+        raise ConfigError(f"override {dotted}: unknown section{_suggest(section, None, schema)}")
+    if section == "derived":
+        raise ConfigError(f"override {dotted}: computed at start-up, cannot be set (set the inputs instead)")
+    keys = _fields(schema[section])
+    if key not in keys:
+        raise ConfigError(f"override {dotted}: unknown key{_suggest(key, section, schema)}")
+    tp = keys[key]
+    # A string key takes the text as typed (run.name=007 stays '007'); 'null' still means None.
+    is_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in tp.__args__)
+    if is_str and raw.strip() not in ("null", "None", "~"):
+        return section, key, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted}: cannot read {raw!r}: {e}") from None
+    return section, key, _check_value(value, tp, f"override {dotted}")
+
+
+def config_from_dict(data: dict, source: str = "") -> Config:
+    """A Config from a plain dict (e.g. a checkpoint's): same checks; `derived` is accepted and recomputed."""
+    return _build(data, source, {}, allow_derived=True)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe file (or the defaults) + dotted overrides, every key and type checked."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            lines = _yaml_lines(text, source)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        # A resolved config.yaml of a run carries `derived`: accepted for re-use and recomputed.
+        _build(data, source, lines, allow_derived=True)
+        data.pop("derived", None)
+    schema = _fields(Config)
+    for text in overrides:
+        section, key, value = _parse_override(text, schema)
+        if not data.get(section):
+            data[section] = {}
+        data[section][key] = value
+        lines.pop(f"{section}.{key}", None)
+    return _build(data, source, lines, allow_derived=False)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flat(cfg: Config) -> dict[str, Any]:
+    """{'train.epochs': 90, ...}: the form W&B shows as columns."""
+    return {f"{s}.{k}": v for s, values in to_dict(cfg).items() for k, v in values.items()}
+
+
+def dump_yaml(cfg: Config) -> str:
+    header = "# Resolved configuration of this run. `derived` is recomputed at start-up.\n"
+    return header + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def loader_config(cfg: Config) -> LoaderConfig:
+    """The loaders' DataConfig: the data section plus train.batch_size and train.channels_last."""
+    try:
+        return LoaderConfig(
+            **dataclasses.asdict(cfg.data),
+            batch_size=cfg.train.batch_size,
+            channels_last=cfg.train.channels_last,
+        )
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(cfg: Config) -> Config:
+    """Rules between and within fields that types cannot express; ConfigError naming the key."""
+    t, o = cfg.train, cfg.optim
+    rules = [
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+        (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
+        (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0: no clipping)"),
+        (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.ref_batch_size >= 0, "optim.ref_batch_size must be >= 0 (0: no scaling)"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (cfg.run.keep_last >= 0, "run.keep_last must be >= 0"),
+        (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: at epoch ends only)"),
+        (cfg.run.timeout_s > 0, "run.timeout_s must be > 0"),
+        (cfg.logging.log_every >= 1, "logging.log_every must be >= 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    loader_config(cfg)
+    from imagenet_ddp.models import architecture
+
+    try:
+        architecture(cfg.model.name, 1)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: int) -> Config:
+    """`cfg` with `derived` filled in: the one place where values are computed from others."""
+    t, o = validate(cfg).train, cfg.optim
+    if batches_per_epoch < t.grad_accum:
+        raise ConfigError(
+            f"an epoch has {batches_per_epoch} batches per rank, fewer than train.grad_accum={t.grad_accum}"
+        )
+    precision = t.precision
+    if precision == "auto":
+        import torch
+
+        cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if device_type == "cpu" or cuda_bf16 else "fp16"
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    global_batch = t.batch_size * world_size * t.grad_accum
+    steps_per_epoch = batches_per_epoch // t.grad_accum
+    derived = Derived(
+        world_size=world_size,
+        global_batch_size=global_batch,
+        lr=o.lr * global_batch / o.ref_batch_size if o.ref_batch_size else o.lr,
+        precision=precision,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * t.epochs,
+        warmup_steps=round(o.warmup_epochs * steps_per_epoch),
+        eval_resize=eval_resize_size(cfg.data.eval_size, cfg.data.eval_crop_ratio),
+    )
+    return dataclasses.replace(cfg, derived=derived)

@@ -1,0 +1,184 @@
+"""Everything about ranks: the launcher's environment, process-group set-up and teardown, reductions.
+
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml
+    srun --ntasks-per-node=8 python train_ddp.py --config ...     (SLURM variables only)
+    python train_ddp.py --config configs/demo.yaml                (one process, no process group)
+
+Ranks come from torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
+Data is sharded by the global `rank`; the device is picked by `local_rank`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Exit status after a SIGTERM/SIGUSR1 stop with last.pt saved: EX_TEMPFAIL ("try again later") from
+# sysexits.h, so a job script can tell "requeue me" from success (0) and from a crash (1).
+EXIT_REQUEUE = 75
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master_addr() -> str:
+    """First host of the allocation, as torchrun's c10d endpoint would be."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodes.split(",")[0]  # a single host or a simple list needs no scontrol
+
+
+def read_env() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) from torchrun, else SLURM, else one process.
+
+    Under SLURM without torchrun this also sets MASTER_ADDR/MASTER_PORT for the env:// rendezvous."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or -(-world // nodes))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        # A port derived from the job id: two jobs sharing a node do not collide.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world
+    return 0, 0, 1, 1
+
+
+def setup(timeout_s: float = 900) -> DistEnv:
+    """Init the process group (nccl on CUDA, gloo on CPU) when there is more than one process."""
+    rank, local_rank, world_size, local_world = read_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one host share its cores; oversubscribed ranks run many times slower.
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(max(1, cores // local_world))
+    if world_size > 1:
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, local_rank, world_size, local_world, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(timeout_s: float = 900):
+    """`with distributed() as env:` the process group exists inside and is destroyed however it ends."""
+    try:
+        yield setup(timeout_s)
+    finally:
+        teardown()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place and returned (the identity with one process)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one: how ranks agree to stop."""
+    if not _active():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj) -> list:
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BatchNorm statistics) on every rank, in place."""
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (SLURM's warnings before a time limit or preemption) set a flag; the training loop
+    asks `requested(env)` at step boundaries so all ranks stop together after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum  # only a flag: the handler may run in the middle of a collective
+
+    def requested(self, device: torch.device) -> bool:
+        return any_rank(self.received is not None, device)

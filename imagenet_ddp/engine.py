@@ -1,0 +1,320 @@
+"""The training and evaluation loops: train_step, train_one_epoch, evaluate.
+
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml
+
+The loops see only `(images, labels)` batches already on the device; what the data backend is does not
+matter here. The LR is a pure function of the global step, so resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from imagenet_ddp.checkpoint import rng_state, set_rng_state, unwrap
+from imagenet_ddp.config import Config
+from imagenet_ddp.dist import DistEnv, StopSignal, all_reduce_sum, broadcast_buffers
+from imagenet_ddp.errors import UserError
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps with NaN/Inf gradients: training on would only produce garbage."""
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_start_factor: float = 0.1,
+    min_lr_factor: float = 0.0,
+) -> float:
+    """Linear warmup from warmup_start_factor * base_lr, then cosine down to min_lr_factor * base_lr."""
+    if step < warmup_steps:
+        return base_lr * (warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Ema:
+    """Exponential moving average of a model's weights and buffers, updated after each optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema, current = self.module.state_dict(), unwrap(model).state_dict()
+        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([ema[k] for k in floats], [current[k] for k in floats], 1.0 - self.decay)
+        for k, v in ema.items():
+            if not v.dtype.is_floating_point:
+                v.copy_(current[k])  # BatchNorm's num_batches_tracked
+
+
+@dataclass
+class TrainState:
+    """What train_step needs and what a checkpoint stores (`state_dict`)."""
+
+    model: nn.Module  # as trained: wrapped in DDP and torch.compile when those are on
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: Callable[[int], float]  # step -> lr
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool = False
+    grad_clip: float = 0.0
+    ema: Ema | None = None
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # batches of `epoch` consumed: the loader position
+    best_val_top1: float = -1.0
+    nonfinite_streak: int = 0
+    epoch_totals: torch.Tensor | None = None  # this rank's [loss sum, correct, samples] of the epoch so far
+
+    def state_dict(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **{k: getattr(self, k) for k in _COUNTERS},
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        unwrap(self.model).load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"] or ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for k in _COUNTERS:
+            setattr(self, k, ckpt[k])
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: RNG streams and the running epoch totals."""
+        totals = self.epoch_totals.tolist() if self.epoch_totals is not None else [0.0, 0.0, 0.0]
+        return {"rng": rng_state(), "epoch_totals": totals}
+
+    def load_rank_state(self, saved: dict) -> None:
+        set_rng_state(saved["rng"])
+        self.epoch_totals = torch.tensor(saved["epoch_totals"], device=self.device)
+
+
+_COUNTERS = ("step", "epoch", "batch_in_epoch", "best_val_top1", "nonfinite_streak")
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    # Each rank its own stream (dropout, stochastic depth); the same across restarts.
+    torch.manual_seed(seed * 1000 + rank)
+    random.seed(seed * 1000 + rank)
+    if deterministic:
+        # cuBLAS reads this when its first handle is made: set before any matmul on the GPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on weights of convolutions and linear layers only: decaying BatchNorm scales and
+    biases hurts accuracy (Goyal et al. 2017; NVIDIA's and timm's recipes)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
+    """Move, wrap and equip `model` for training as `cfg` (resolved) says."""
+    t, o, d = cfg.train, cfg.optim, cfg.derived
+    model = model.to(
+        env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
+    )
+    optimizer = torch.optim.SGD(
+        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias),
+        lr=d.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+    )
+    if env.world_size > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # After DDP, which gave every rank rank 0's initial weights: the EMA starts from those.
+    ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
+    if t.compile:
+        model = torch.compile(model)
+    schedule = partial(
+        lr_at,
+        base_lr=d.lr,
+        total_steps=d.total_steps,
+        warmup_steps=d.warmup_steps,
+        warmup_start_factor=o.warmup_start_factor,
+        min_lr_factor=o.min_lr_factor,
+    )
+    return TrainState(
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(env.device.type, enabled=d.precision == "fp16"),
+        schedule=schedule,
+        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        device=env.device,
+        amp_dtype=AMP_DTYPES[d.precision],
+        channels_last=t.channels_last,
+        grad_clip=t.grad_clip,
+        ema=ema,
+    )
+
+
+def _autocast(state: TrainState):
+    # The one AMP path: disabled autocast and a disabled GradScaler are exact fp32 training.
+    dtype = state.amp_dtype or torch.bfloat16
+    return torch.autocast(state.device.type, dtype=dtype, enabled=state.amp_dtype is not None)
+
+
+def _inputs(state: TrainState, images: torch.Tensor) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if state.channels_last else images
+
+
+def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One optimizer step over `batches` (grad_accum micro-batches). Returns a device tensor
+    [loss sum, correct, samples] of this rank; reading it is left to the caller (a sync)."""
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = state.schedule(state.step)
+    totals = torch.zeros(3, device=state.device)
+    for i, (images, labels) in enumerate(batches):
+        # DDP all-reduces gradients in the last micro-batch's backward only.
+        last = i == len(batches) - 1
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync(), _autocast(state):
+            logits = model(_inputs(state, images))
+            loss = state.criterion(logits, labels)
+        scaler.scale(loss / len(batches)).backward()
+        totals[0] += loss.detach().float() * len(labels)
+        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[2] += len(labels)
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip or math.inf)
+    # The norm of the all-reduced gradients is the same on every rank, so all ranks skip together.
+    # Reading it is one sync per step, the same one GradScaler makes for fp16.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or scaler.is_enabled():
+        scaler.step(optimizer)  # with fp16 GradScaler itself skips a step whose gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if finite and state.ema is not None:
+        state.ema.update(model)
+    state.step += 1
+    state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
+    return totals
+
+
+def train_one_epoch(
+    state: TrainState, loader, cfg: Config, tracker, stop: StopSignal, save: Callable[[], None]
+) -> dict:
+    """Train on the rest of epoch `state.epoch` (all of it unless resumed mid-epoch). Returns the epoch's
+    train metrics over all ranks, with `stopped` True when a stop signal ended it early.
+    `save()` is called every run.checkpoint_every steps."""
+    accum, log_every, every = cfg.train.grad_accum, cfg.logging.log_every, cfg.run.checkpoint_every
+    global_batch = cfg.derived.global_batch_size
+    state.model.train()
+    steps = len(loader) // accum
+    # Stopped after the epoch's last step (before validation): nothing to read. Stopped mid-epoch:
+    # the loader replays the epoch's order, and the batches already trained on are skipped.
+    remaining = state.batch_in_epoch // accum < steps
+    batches = iter(loader) if remaining else iter(())
+    for _ in range(state.batch_in_epoch if remaining else 0):
+        next(batches)
+    tracker.start_epoch(state.epoch, steps, done=state.batch_in_epoch // accum)
+    if state.batch_in_epoch == 0 or state.epoch_totals is None:
+        state.epoch_totals = torch.zeros(3, device=state.device)
+    totals = state.epoch_totals  # updated in place: a checkpoint taken mid-epoch carries them
+    start = last_log = time.perf_counter()
+    steps_done = last_log_step = 0
+    stopped = False
+    while state.batch_in_epoch // accum < steps:
+        totals += train_step(state, [next(batches) for _ in range(accum)])
+        state.batch_in_epoch += accum
+        steps_done += 1
+        if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{state.nonfinite_streak} consecutive steps with NaN/Inf gradients (last: step {state.step}); "
+                "the weights were not updated by them. Lower optim.lr, set train.grad_clip, or use bf16/fp32"
+            )
+        tracker.advance()
+        if state.step % log_every == 0:
+            now = time.perf_counter()  # reading the loss syncs with the device: only every log_every steps
+            loss = (totals[0] / totals[2].clamp(min=1)).item()
+            rate = (steps_done - last_log_step) * global_batch / (now - last_log)
+            tracker.log_step(
+                state.step,
+                {
+                    "train/loss": loss,
+                    "train/lr": state.schedule(state.step - 1),
+                    "train/images_per_sec": rate,
+                },
+            )
+            last_log, last_log_step = now, steps_done
+        if every and state.step % every == 0 and state.batch_in_epoch // accum < steps:
+            save()  # (at the epoch's end the caller saves, with the validation metrics)
+        if stop.requested(state.device):
+            stopped = True
+            break
+    seconds = time.perf_counter() - start
+    # Batches beyond the last full accumulation group are left: the next iter(loader) ends this pass.
+    loss, correct, count = all_reduce_sum(totals.clone()).tolist()
+    tracker.end_epoch()
+    return {
+        "train_loss": loss / max(count, 1),
+        "train_top1": correct / max(count, 1),
+        "lr": state.schedule(state.step - 1),
+        "images_per_sec": steps_done * global_batch / max(seconds, 1e-9),
+        "epoch_seconds": seconds,
+        "stopped": stopped,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, state: TrainState) -> dict:
+    """Exact top-1/top-5 over the whole split: every rank sums its own samples, then one all-reduce.
+    Samples a loader pads to even out ranks carry a negative label (PAD_LABEL) and are not counted."""
+    # The unwrapped module: no DDP forward and so no collective per batch. Its BatchNorm statistics
+    # moved with each rank's last batch: every rank evaluates rank 0's, the ones a checkpoint holds.
+    model = unwrap(model)
+    broadcast_buffers(model)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=state.device)  # loss sum, top-1, top-5, count
+    for images, labels in loader:
+        with _autocast(state):
+            logits = model(_inputs(state, images)).float()
+        valid = labels >= 0
+        logits, labels = logits[valid], labels[valid]
+        k = min(5, logits.shape[1])
+        hits = (logits.topk(k, dim=1).indices == labels[:, None]).cumsum(1)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        totals[0] += loss.double()
+        totals[1] += hits[:, 0].sum()
+        totals[2] += hits[:, k - 1].sum()
+        totals[3] += len(labels)
+    all_reduce_sum(totals)
+    model.train(was_training)
+    loss, top1, top5, count = totals.tolist()
+    n = max(count, 1)
+    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_count": int(count)}

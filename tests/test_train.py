@@ -1,0 +1,329 @@
+"""The training engine in one process: schedule, optimizer groups, accumulation, non-finite steps,
+exact evaluation, EMA, and whole runs of train_ddp.py on real shards (torch and synthetic backends).
+
+python -m pytest tests/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import make_shards
+import train_ddp
+from imagenet_ddp.checkpoint import load
+from imagenet_ddp.config import load_config, loader_config, resolve
+from imagenet_ddp.data import build_loader
+from imagenet_ddp.dist import DistEnv
+from imagenet_ddp.engine import (
+    Ema,
+    NonFiniteError,
+    evaluate,
+    lr_at,
+    make_state,
+    param_groups,
+    train_one_epoch,
+    train_step,
+)
+from imagenet_ddp.tracking import NullTracker
+from tests.fixtures import make_folder
+
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+METRIC_KEYS = {
+    "epoch",
+    "step",
+    "train_loss",
+    "train_top1",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "images_per_sec",
+    "epoch_seconds",
+}
+
+
+def make_tiny_shards(root: Path) -> Path:
+    """4 classes of class-dependent synthetic images packed by `make_shards.py folder`: 96 train, 32 val."""
+    make_folder(root / "src", num_classes=4, per_class=24, val_per_class=8, bad=False, side_range=(40, 72))
+    args = ["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "1"]
+    assert make_shards.main(args + ["--shard-size", "40"]) == 0
+    return root / "shards"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One compute thread (with more, a busy shared machine makes OpenMP spin: steps 10x slower);
+    the process-wide torch flags a run sets are restored afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # dist.setup then leaves the thread count alone
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)  # train.deterministic=true sets it process-wide
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny"))
+
+
+def small_run(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a few-second run: ResNet-18 at 32 px, batch 8 (12 steps per epoch), no W&B."""
+    return [
+        f"data.root={shards}",
+        "data.backend=torch",
+        "data.workers=0",
+        "data.image_size=32",
+        "data.eval_size=32",
+        "model.name=resnet18",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "train.channels_last=false",
+        "optim.lr=0.1",
+        "optim.ref_batch_size=0",
+        "optim.warmup_epochs=0.5",
+        f"run.dir={run_dir}",
+        "logging.wandb=false",
+        "logging.log_every=2",
+        *extra,
+    ]
+
+
+class Batches:
+    """Fixed batches in the loader's shape (for the arithmetic checks that need exact inputs)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class NoStop:
+    def requested(self, device) -> bool:
+        return False
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    lr = [
+        lr_at(s, base_lr=1.0, total_steps=110, warmup_steps=10, warmup_start_factor=0.1, min_lr_factor=0.01)
+        for s in range(111)
+    ]
+    assert lr[0] == pytest.approx(0.1) and lr[5] == pytest.approx(0.55) and lr[10] == pytest.approx(1.0)
+    assert lr[60] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr[110] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+
+
+def test_norm_and_bias_parameters_get_no_weight_decay():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    decay, no_decay = param_groups(model, 1e-4, decay_norm_and_bias=False)
+    assert [p.shape for p in decay["params"]] == [(4, 3, 3, 3), (2, 36)]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def tiny_state(cfg_overrides=(), seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)
+    )
+    cfg = load_config(None, ["train.precision=fp32", "train.channels_last=false", *cfg_overrides])
+    return make_state(model, resolve(cfg, 1, "cpu", batches_per_epoch=8), CPU)
+
+
+def test_two_accumulated_micro_batches_make_the_same_step_as_one_batch_of_both():
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    one = tiny_state(["train.label_smoothing=0", "optim.ref_batch_size=0"])
+    two = tiny_state(["train.label_smoothing=0", "optim.ref_batch_size=0", "train.grad_accum=2"])
+    totals = train_step(one, [(images, labels)])
+    train_step(two, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+    for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert totals[2].item() == 8 and one.step == two.step == 1
+
+
+def test_non_finite_steps_leave_the_weights_alone_and_too_many_stop_training():
+    state = tiny_state(["train.max_nonfinite_steps=3"])
+    before = [p.detach().clone() for p in state.model.parameters()]
+    bad = (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long))
+    train_step(state, [bad])
+    assert state.nonfinite_streak == 1 and state.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
+    cfg = resolve(load_config(None, ["train.max_nonfinite_steps=3", "logging.log_every=100"]), 1, "cpu", 8)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
+        train_one_epoch(state, Batches([bad] * 8), cfg, NullTracker(), NoStop(), save=lambda: None)
+
+
+def test_ema_moves_towards_the_weights_by_one_minus_decay():
+    state = tiny_state()
+    ema = Ema(state.model, decay=0.75)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.add_(1.0)
+    ema.update(state.model)
+    for s, e in zip(start, ema.module.parameters(), strict=True):
+        torch.testing.assert_close(e, s + 0.25)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_evaluation_counts_each_val_sample_exactly_once(shards, world_size):
+    """Per-rank counts of a padded split add up to the split (the all-reduce adds them across ranks)."""
+    state = tiny_state()
+    cfg = load_config(
+        None, [f"data.root={shards}", "data.backend=torch", "data.workers=0", "data.eval_size=16"]
+    )
+    counts = []
+    for rank in range(world_size):
+        loader = build_loader(loader_config(cfg), "val", rank=rank, world_size=world_size, train=False)
+        counts.append(evaluate(state.model, loader, state)["val_count"])
+        assert len(loader) * 64 >= counts[-1]
+    assert sum(counts) == 32
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_single_process_run_on_synthetic_data_writes_metrics_config_and_checkpoints(shards, tmp_path):
+    run = tmp_path / "run"
+    args = small_run(shards, run, "data.backend=synthetic", "train.epochs=2", "run.keep_last=1")
+    assert train_ddp.main(args) == 0
+    metrics = read_metrics(run)
+    steps = 96 // 8
+    assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [steps, 2 * steps]
+    assert set(metrics[0]) >= METRIC_KEYS and metrics[0]["val_count"] == 32
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "metrics.jsonl",
+        f"step-{2 * steps:08d}.pt",
+    ]
+    ckpt = load(run / "last.pt")  # weights_only=True
+    assert ckpt["step"] == 2 * steps and (ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0)
+    assert ckpt["config"]["derived"]["global_batch_size"] == 8
+    assert load_config(run / "config.yaml").train.epochs == 2
+
+
+def test_a_run_learns_and_its_checkpoint_alone_rebuilds_the_model(shards, tmp_path):
+    from imagenet_ddp.models import build_model
+
+    run = tmp_path / "run"
+    assert train_ddp.main(small_run(shards, run, "train.epochs=5")) == 0
+    metrics = read_metrics(run)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert max(m["val_top1"] for m in metrics) >= 0.5, metrics  # 4 classes: chance is 0.25
+    ckpt = load(run / "best.pt")
+    model = build_model(**ckpt["architecture"])
+    model.load_state_dict(ckpt["model"])
+    assert ckpt["classes"] == sorted(["dog", "cat", "red panda", "crème brûlée"])
+    assert ckpt["class_names"] == ckpt["classes"]
+    assert ckpt["preprocess"] == {
+        "resize": 37,  # 32 / 0.875
+        "crop": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+    }
+    assert ckpt["metrics"]["val_top1"] == max(m["val_top1"] for m in metrics)
+
+
+def test_running_the_same_command_again_resumes_at_the_saved_step(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_ddp.main(small_run(shards, run, "train.epochs=1")) == 0
+    first = load(run / "last.pt")
+    assert train_ddp.main(small_run(shards, run, "train.epochs=2")) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'last.pt'}: step {first['step']} (epoch 1 batch 0" in out
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [first["step"], 2 * first["step"]]
+    assert load(run / "last.pt")["step"] == 2 * first["step"]
+    # A finished run asked again does nothing more.
+    assert train_ddp.main(small_run(shards, run, "train.epochs=2")) == 0
+    assert len(read_metrics(run)) == 2
+
+
+def test_a_run_folder_is_not_overwritten_when_resume_is_off(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_ddp.main(small_run(shards, run, "train.epochs=1", "data.backend=synthetic")) == 0
+    assert train_ddp.main(small_run(shards, run, "train.epochs=1", "run.resume=false")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resuming_mid_epoch_ends_with_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    same = ("train.epochs=2", "run.checkpoint_every=5", "run.keep_last=10", "train.deterministic=true")
+    assert train_ddp.main(small_run(shards, whole, *same)) == 0
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((whole / "step-00000005.pt").read_bytes())  # as if killed at step 5
+    assert load(resumed / "last.pt")["batch_in_epoch"] == 5
+    assert train_ddp.main(small_run(shards, resumed, *same)) == 0
+    a, b = load(whole / "last.pt"), load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 24
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_ranks_come_from_torchrun_then_slurm_then_a_single_process(monkeypatch):
+    from imagenet_ddp.dist import read_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in (
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_JOB_NUM_NODES",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert read_env() == (0, 0, 1, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2"}
+    for k, v in {**slurm, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    assert read_env() == (5, 1, 8, 4)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+    # `srun torchrun ...`: SLURM describes the per-node launcher, torchrun the worker: torchrun wins.
+    for k, v in {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}.items():
+        monkeypatch.setenv(k, v)
+    assert read_env() == (3, 3, 16, 8)
+
+
+class StopAt:
+    """The stop request as ranks agree on it, arriving after optimizer step `step`."""
+
+    def __init__(self, state, step: int):
+        self.state, self.step = state, step
+
+    def requested(self, device) -> bool:
+        return self.state.step >= self.step
+
+
+def test_a_stop_after_the_last_step_resumes_without_reading_the_epoch_again():
+    state = tiny_state(["logging.log_every=100"])
+    cfg = resolve(load_config(None, ["logging.log_every=100"]), 1, "cpu", 4)
+    batch = (torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))
+    first = train_one_epoch(
+        state, Batches([batch] * 4), cfg, NullTracker(), StopAt(state, 4), save=lambda: None
+    )
+    assert first["stopped"] and (state.step, state.batch_in_epoch) == (4, 4)
+
+    class Unread(Batches):
+        def __iter__(self):
+            raise AssertionError("the epoch was read again")
+
+    again = train_one_epoch(state, Unread([batch] * 4), cfg, NullTracker(), NoStop(), save=lambda: None)
+    assert not again["stopped"] and state.step == 4
+    assert again["train_loss"] == pytest.approx(first["train_loss"])  # the epoch's totals carried over
