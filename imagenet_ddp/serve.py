@@ -1,0 +1,226 @@
+"""A web page and a JSON endpoint for one checkpoint: drop an image, see its top-5 in your language.
+
+    python predict.py --checkpoint runs/demo/best.pt --serve            # http://127.0.0.1:8000/
+    curl --data-binary @cat.jpg 'http://127.0.0.1:8000/api/predict?lang=es&topk=5'
+
+    GET  /              the page (imagenet_ddp/web/: plain HTML, CSS and JS; nothing loaded from elsewhere)
+    GET  /api/info      {"model", "num_classes", "languages": {code: name}, "lang", "topk", "max_upload_bytes"}
+    POST /api/predict   body: the image file as is; ?lang=es&topk=5 -> {"lang", "top": [{"class_index",
+                        "wnid", "name_en", "name", "probability"}, ...]}
+    Errors are {"error": "one line"}: 400 bad lang/topk, 411 no length, 413 too large, 415 not an image.
+
+Binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to a loopback name
+(a web page elsewhere cannot reach it through DNS rebinding). Standard library only (http.server):
+one model, a few people, no build step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from imagenet_ddp.errors import UserError
+from imagenet_ddp.inference import Classifier, ImageError, as_record, load_image
+
+WEB_DIR = Path(__file__).with_name("web")
+STATIC = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+}
+LANGUAGE_NAMES = {
+    "en": "English",
+    "es": "Español",
+    "fr": "Français",
+    "de": "Deutsch",
+    "it": "Italiano",
+    "pt": "Português",
+}
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# An oversize body is read and dropped up to this many bytes, so that the client, still sending, gets the
+# 413 answer instead of a reset connection; beyond it the connection is closed unread.
+DRAIN_LIMIT = 256 << 20
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class App:
+    """What the handlers share: the classifier (one forward pass at a time), settings, the page."""
+
+    def __init__(
+        self, clf: Classifier, *, lang="en", topk=5, max_upload_bytes=20_000_000, loopback_only=True
+    ):
+        from imagenet_ddp.labels import available_languages
+
+        self.clf, self.lang, self.topk, self.max_upload_bytes = clf, lang, topk, max_upload_bytes
+        self.loopback_only = loopback_only
+        self.lock = threading.Lock()
+        self.languages = {code: LANGUAGE_NAMES.get(code, code) for code in available_languages()}
+        self.files = {route: ((WEB_DIR / name).read_bytes(), kind) for route, (name, kind) in STATIC.items()}
+
+    def info(self) -> dict:
+        return {
+            "model": self.clf.architecture["name"],
+            "num_classes": self.clf.num_classes,
+            "languages": self.languages,
+            "lang": self.lang,
+            "topk": self.topk,
+            "max_upload_bytes": self.max_upload_bytes,
+        }
+
+    def predict(self, data: bytes, query: dict[str, list[str]]) -> tuple[int, dict]:
+        lang = query.get("lang", [self.lang])[-1]
+        if lang not in self.languages:
+            return 400, {
+                "error": f"no class names for language {lang!r}; available: {', '.join(self.languages)}"
+            }
+        try:
+            topk = int(query.get("topk", [self.topk])[-1])
+        except ValueError:
+            topk = 0
+        if not 1 <= topk <= self.clf.num_classes:
+            return 400, {"error": f"topk must be a whole number from 1 to {self.clf.num_classes}"}
+        try:
+            image = self.clf.preprocess(load_image(data))  # decoding runs in parallel, outside the lock
+        except ImageError as e:
+            return 415, {"error": str(e)}
+        with self.lock:
+            [prediction] = self.clf.predict([image], topk, lang)
+        return 200, as_record(None, prediction, lang)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "imagenet-ddp"
+    timeout = 60  # a client that stops sending does not hold its thread for ever
+    app: App  # set on the subclass make_server creates
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        if not self._host_allowed():
+            return
+        if url.path == "/api/info":
+            return self._json(200, self.app.info())
+        if url.path not in self.app.files:
+            return self._json(
+                404, {"error": f"no page {url.path}; the page is /, the API /api/info and /api/predict"}
+            )
+        body, kind = self.app.files[url.path]
+        self._send(200, body, f"{kind}; charset=utf-8")
+
+    def do_POST(self):
+        url = urlsplit(self.path)
+        if not self._host_allowed():
+            return
+        if url.path != "/api/predict":
+            return self._json(404, {"error": f"no endpoint {url.path}; POST the image to /api/predict"})
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._json(411, {"error": "send the image as the request body, with a Content-Length"})
+        limit = self.app.max_upload_bytes
+        if length > limit:
+            left = length if length <= DRAIN_LIMIT else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
+                left -= len(chunk)
+            self.close_connection = True
+            message = f"the upload is {_megabytes(length)}: larger than the limit of {_megabytes(limit)}"
+            return self._json(413, {"error": message})
+        data = self.rfile.read(length)
+        status, body = self.app.predict(data, parse_qs(url.query))
+        self._json(status, body)
+
+    def _host_allowed(self) -> bool:
+        host = _host_name(self.headers.get("Host") or "")
+        if not self.app.loopback_only or host in LOOPBACK_NAMES:
+            return True
+        self._json(403, {"error": f"this server answers requests for 127.0.0.1 or localhost, not {host!r}"})
+        return False
+
+    def _json(self, status: int, body: dict) -> None:
+        self._send(status, json.dumps(body, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
+        if not getattr(self.server, "quiet", False):
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+
+
+def _host_name(header: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'localhost' -> 'localhost'."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(
+    clf: Classifier, host="127.0.0.1", port=8000, *, quiet=False, **settings
+) -> ThreadingHTTPServer:
+    """A server bound to (host, port) (port 0: any free one; see server.server_address), not yet serving."""
+    app = App(clf, loopback_only=is_loopback(host), **settings)
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server_class = type("Server", (ThreadingHTTPServer,), {"daemon_threads": True})
+    if ":" in host:
+        import socket
+
+        server_class.address_family = socket.AF_INET6
+    try:
+        server = server_class((host, port), handler)
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port)"
+        ) from None
+    server.quiet = quiet
+    return server
+
+
+def serve(clf: Classifier, host="127.0.0.1", port=8000, **settings) -> None:
+    """Serve until Ctrl-C."""
+    server = make_server(clf, host, port, **settings)
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(
+        f"serving {clf.architecture['name']} ({clf.num_classes} classes) at http://{shown}:{bound_port}/",
+        flush=True,
+    )
+    if not is_loopback(host):
+        print(
+            f"note: {host} is reachable from other machines; anyone who can reach it can use it", flush=True
+        )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Classify images with a checkpoint of train_ddp.py; evaluate it on shards; serve a web page.
+
+    python predict.py --checkpoint runs/demo/best.pt photo.jpg photos/ 'more/**/*.png' --lang es
+    find photos -name '*.jpg' | python predict.py --checkpoint runs/demo/best.pt - --format jsonl
+    python predict.py --checkpoint runs/demo/best.pt --evaluate shards/demo/val
+    python predict.py --checkpoint runs/demo/best.pt --serve --port 8000     # http://127.0.0.1:8000/
+
+The checkpoint alone is enough (read with weights_only=True: a checkpoint cannot run code).
+Per image: the top-k classes with class index, wnid, English name, name in --lang, probability.
+A file that cannot be classified gets an error line in its place and the others go on.
+Exit status: 0 all classified, 1 some file failed, 2 bad arguments or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+from imagenet_ddp.errors import UserError
+
+FORMATS = ("table", "jsonl", "csv")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="files, directories, globs; - reads them from stdin"
+    )
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by train_ddp.py (e.g. best.pt)")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--lang", default="en", help="language of the class names: en, es, fr, de, it, pt")
+    p.add_argument(
+        "--format", choices=FORMATS, default="table", help="table for people, jsonl/csv for programs"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument(
+        "--workers", type=int, default=2, help="decoding threads (with --evaluate: loader workers)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: as in training (to reproduce its validation numbers)",
+    )
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument(
+        "--evaluate", metavar="SPLIT_DIR", help="top-1/top-5 over a shard split, e.g. shards/x/val"
+    )
+    p.add_argument("--backend", choices=("torch", "dali"), default="torch", help="loader for --evaluate")
+    p.add_argument("--serve", action="store_true", help="serve a web page and a JSON endpoint")
+    p.add_argument("--host", default="127.0.0.1", help="--serve address (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="--serve port (0: any free one)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="--serve: largest accepted upload")
+    args = p.parse_args(argv)
+    modes = bool(args.images) + bool(args.evaluate) + args.serve
+    if modes != 1:
+        p.error("give images to classify, or --evaluate SPLIT_DIR, or --serve (one of them)")
+    if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
+        p.error("--topk and --batch-size must be at least 1, --workers at least 0")
+    return args
+
+
+def percent(p: float) -> str:
+    return f"{100 * p:6.2f}%"
+
+
+def write_table(out, path: str, result, lang: str) -> None:
+    out.write(f"{path}\n")
+    if isinstance(result, str):
+        out.write(f"  error: {result}\n")
+        return
+    for c, p in result.top:
+        name = c.name if lang == "en" or c.name == c.name_en else f"{c.name} ({c.name_en})"
+        out.write(f"  {percent(p)}  {name}  [{c.wnid}, class {c.class_index}]\n")
+
+
+def classify(clf, args) -> int:
+    from imagenet_ddp.inference import as_record, classify_files, expand_inputs
+
+    out = sys.stdout
+    rows = csv.writer(out, lineterminator="\n")
+    if args.format == "csv":
+        fields = [
+            "path",
+            "rank",
+            "class_index",
+            "wnid",
+            "name_en",
+            f"name_{args.lang}",
+            "probability",
+            "error",
+        ]
+        rows.writerow(fields)
+    total = failed = 0
+    results = classify_files(
+        clf,
+        expand_inputs(args.images, sys.stdin),
+        topk=args.topk,
+        lang=args.lang,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    for path, result in results:
+        total += 1
+        failed += isinstance(result, str)
+        if args.format == "table":
+            write_table(out, path, result, args.lang)
+        elif args.format == "jsonl":
+            out.write(json.dumps(as_record(path, result, args.lang), ensure_ascii=False) + "\n")
+        elif isinstance(result, str):
+            rows.writerow([path, "", "", "", "", "", "", result])
+        else:
+            for rank, (c, p) in enumerate(result.top, 1):
+                rows.writerow([path, rank, c.class_index, c.wnid, c.name_en, c.name, f"{p:.6g}", ""])
+        out.flush()  # a long run piped into another program shows its results as they come
+    if failed:
+        print(f"predict.py: {failed} of {total} files could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def evaluate(clf, args) -> int:
+    from imagenet_ddp.inference import evaluate_split
+
+    m = evaluate_split(
+        clf, args.evaluate, batch_size=args.batch_size, backend=args.backend, workers=args.workers
+    )
+    if args.format == "table":
+        print(
+            f"{m['split']}: top-1 {m['val_top1']:.2%}, top-5 {m['val_top5']:.2%}, loss {m['val_loss']:.4f} "
+            f"over {m['val_count']} images ({m['backend']} loader, {m['precision']})"
+        )
+    elif args.format == "jsonl":
+        print(json.dumps(m))
+    else:
+        rows = csv.DictWriter(sys.stdout, fieldnames=list(m), lineterminator="\n")
+        rows.writeheader()
+        rows.writerow(m)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from imagenet_ddp.inference import Classifier
+
+        clf = Classifier.from_checkpoint(
+            args.checkpoint, device=args.device, precision=args.precision, ema=args.ema
+        )
+        clf.class_info(args.lang)  # an unknown language is an error before any work
+        if args.evaluate:
+            return evaluate(clf, args)
+        if args.serve:
+            from imagenet_ddp.serve import serve
+
+            max_bytes = int(args.max_upload_mb * 1e6)
+            serve(
+                clf,
+                host=args.host,
+                port=args.port,
+                lang=args.lang,
+                topk=args.topk,
+                max_upload_bytes=max_bytes,
+            )
+            return 0
+        return classify(clf, args)
+    except UserError as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `predict.py ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""predict.py --serve: the JSON endpoint over real HTTP, and the page in a real headless chromium.
+
+.ci/browser.sh installs chromium and chromedriver (selenium is in the dev extra); without them the
+browser tests skip, except under CI=true where they fail.
+Everything runs on 127.0.0.1: chromium starts with its background services off and a host resolver
+that resolves nothing else.
+
+python -m pytest tests/test_serve.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagenet_ddp.errors import UserError
+from imagenet_ddp.inference import Classifier, classify_files
+from imagenet_ddp.labels import imagenet_names
+from imagenet_ddp.serve import make_server
+from imagenet_ddp.synth import jpeg_bytes, synth_image
+from tests.test_predict import WNIDS, make_checkpoint
+
+LIMIT = 300_000  # bytes: small, so that an oversize upload is quick to make
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory) -> Classifier:
+    return Classifier.from_checkpoint(
+        make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt"), device="cpu"
+    )
+
+
+@pytest.fixture(scope="module")
+def url(clf):
+    server = make_server(clf, port=0, quiet=True, lang="es", max_upload_bytes=LIMIT)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield f"http://{host}:{port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("uploads")
+    noise = np.random.default_rng(1).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    data = {
+        "cat.jpg": jpeg_bytes(synth_image(np.random.default_rng(0), 200, 150)),
+        "big.png": (io.BytesIO(), Image.fromarray(noise)),
+        "notes.txt": b"this is not an image\n",
+    }
+    buf, img = data["big.png"]
+    img.save(buf, "PNG")
+    data["big.png"] = buf.getvalue()
+    assert len(data["big.png"]) > LIMIT
+    for name, content in data.items():
+        (folder / name).write_bytes(content)
+    return {name: folder / name for name in data}
+
+
+def post(url: str, body: bytes, headers=None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_endpoint_answers_the_top_5_in_the_asked_language_like_the_cli(clf, url, files):
+    status, body = post(f"{url}/api/predict?lang=fr", files["cat.jpg"].read_bytes())
+    assert status == 200 and body["lang"] == "fr" and len(body["top"]) == 5
+    [(_, expected)] = classify_files(clf, [(str(files["cat.jpg"]), None)], lang="fr")
+    assert [t["wnid"] for t in body["top"]] == [c.wnid for c, _ in expected.top]
+    assert [t["probability"] for t in body["top"]] == pytest.approx([p for _, p in expected.top], rel=1e-5)
+    french = imagenet_names("fr")
+    assert all(t["name"] == french[t["wnid"]] for t in body["top"])
+    status, body = post(f"{url}/api/predict?topk=2", files["cat.jpg"].read_bytes())
+    assert status == 200 and body["lang"] == "es" and len(body["top"]) == 2  # the server's --lang
+
+
+def test_uploads_that_are_too_large_or_not_images_or_badly_asked_are_refused_clearly(url, files):
+    status, body = post(f"{url}/api/predict", files["big.png"].read_bytes())
+    assert status == 413 and body["error"] == "the upload is 0.5 MB: larger than the limit of 0.3 MB"
+    status, body = post(f"{url}/api/predict", files["notes.txt"].read_bytes())
+    assert status == 415 and body["error"] == "not an image (unrecognized format)"
+    status, body = post(f"{url}/api/predict", b"")
+    assert status == 415 and body["error"] == "empty file"
+    status, body = post(f"{url}/api/predict?lang=xx", files["cat.jpg"].read_bytes())
+    assert status == 400 and "available: de, en, es, fr, it, pt" in body["error"]
+    status, body = post(f"{url}/api/predict?topk=11", files["cat.jpg"].read_bytes())
+    assert status == 400 and body["error"] == "topk must be a whole number from 1 to 10"
+
+
+def test_it_listens_on_localhost_only_and_answers_only_requests_addressed_to_it(clf, url):
+    assert url.startswith("http://127.0.0.1:")
+    request = urllib.request.Request(f"{url}/api/info", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+    with urllib.request.urlopen(f"{url}/api/info", timeout=30) as response:
+        info = json.loads(response.read())
+    assert (
+        info["num_classes"] == len(WNIDS) and info["max_upload_bytes"] == LIMIT and "es" in info["languages"]
+    )
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another --port"):
+        make_server(clf, port=port)
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI: chromium and chromedriver are not installed (.ci/browser.sh failed?)")
+        pytest.skip("chromium and chromedriver are not installed (run .ci/browser.sh)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--disable-client-side-phishing-detection",
+        "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def pick(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "file").send_keys(str(path))
+
+
+def status_after(driver, text_part: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return wait_for(driver, lambda d: text_part in (t := d.find_element(By.ID, "status").text) and t)
+
+
+def shown_labels(driver) -> list[tuple[str, str]]:
+    """(wnid, name) of each listed class, read in one step (the list is rebuilt on every answer)."""
+    script = """return [...document.querySelectorAll('#result:not([hidden]) #top li')]
+        .map(li => [li.dataset.wnid, li.querySelector('.name').textContent]);"""
+    return [tuple(pair) for pair in driver.execute_script(script)]
+
+
+def test_a_person_picks_an_image_and_sees_its_top_5_in_their_language(browser, url, files):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{url}/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#lang option"))
+    assert Select(browser.find_element(By.ID, "lang")).first_selected_option.get_attribute("value") == "es"
+    pick(browser, files["cat.jpg"])
+    wait_for(browser, lambda d: d.find_element(By.ID, "result").is_displayed())
+    _, expected = post(f"{url}/api/predict?lang=es", files["cat.jpg"].read_bytes())
+    assert shown_labels(browser) == [(t["wnid"], t["name"]) for t in expected["top"]]
+    first = browser.find_element(By.CSS_SELECTOR, "#top li .probability").text
+    assert first == f"{100 * expected['top'][0]['probability']:.1f}%"
+    # Another language: the same image is asked again and the names change.
+    Select(browser.find_element(By.ID, "lang")).select_by_value("de")
+    german = imagenet_names("de")
+    wait_for(browser, lambda d: shown_labels(d) == [(t["wnid"], german[t["wnid"]]) for t in expected["top"]])
+
+
+def test_a_dropped_image_is_classified_too(browser, url, files):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{url}/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#lang option"))
+    data = list(files["cat.jpg"].read_bytes())
+    # What the browser does when a file is dropped: a drop event carrying the file.
+    browser.execute_script(
+        """const file = new File([new Uint8Array(arguments[0])], "dropped.jpg", {type: "image/jpeg"});
+        const transfer = new DataTransfer();
+        transfer.items.add(file);
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer}));""",
+        data,
+    )
+    wait_for(browser, lambda d: len(shown_labels(d)) == 5)
+    assert browser.find_element(By.ID, "status").text == "dropped.jpg"
+
+
+def test_an_oversize_file_and_a_non_image_get_a_clear_message(browser, url, files):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{url}/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#lang option"))
+    pick(browser, files["big.png"])
+    message = status_after(browser, "limit")
+    assert message == "big.png is 0.5 MB: larger than the limit of 0.3 MB."
+    assert not browser.find_element(By.ID, "result").is_displayed()
+    pick(browser, files["notes.txt"])
+    assert status_after(browser, "not an image") == "notes.txt: not an image (unrecognized format)"
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
