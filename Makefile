@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DEMO_SRC := data/tiny-imagenet-demo
 DEMO_OUT := shards/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system demo test lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +16,27 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# Pack the bundled data, verify it, train on 2 CPU processes (torchrun + gloo, W&B offline without a
+# key), then classify its unlabeled test images with Spanish labels and re-evaluate the checkpoint.
 demo: install
 	$(PY) make_shards.py tiny-imagenet --src $(DEMO_SRC) --out $(DEMO_OUT) --shard-size 100 --workers 2
 	$(PY) make_shards.py verify $(DEMO_OUT)/train $(DEMO_OUT)/val
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train_ddp.py --config configs/demo.yaml
+	$(PY) predict.py --checkpoint runs/demo/best.pt $(DEMO_SRC)/test/images --topk 3 --lang es
+	$(PY) predict.py --checkpoint runs/demo/best.pt --evaluate $(DEMO_OUT)/val
+
+# System packages the tests use for real (SLURM + munge, Chromium + chromedriver), from the
+# distribution, when we may install them.
+system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash .ci/slurm.sh install && bash .ci/browser.sh; \
+	else echo "make: not root: tests needing SLURM or Chromium are skipped unless they are installed"; fi
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint system
 	$(PY) -m pytest
 
 bench: install
