@@ -10,23 +10,14 @@ split: keys are unique, totals match, no stray shard files; across splits: the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from pathlib import Path
 
 from imagenet_ddp.imagecheck import check_jpeg
-from imagenet_ddp.shards import INDEX_VERSION
+from imagenet_ddp.shards import INDEX_VERSION, file_sha256
 
 EXTS = ("jpg", "cls", "json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[str], list[str]]:
@@ -43,7 +34,7 @@ def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[
     size = path.stat().st_size
     if size != entry["bytes"]:
         bad(f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-    elif _sha256(path) != entry["sha256"]:
+    elif file_sha256(path) != entry["sha256"]:
         bad("sha256 differs from the manifest (corrupted)")
     samples: dict[str, dict[str, tuple[int, int, bytes]]] = {}
     order: list[str] = []

@@ -76,3 +76,16 @@ def count_steps(split: str, num_samples: int, world_size: int, batch_size: int, 
             f"for each of {world_size} ranks; lower data.batch_size"
         )
     return steps
+
+
+def shard_loader_fields(shards, *, world_size: int, batch_size: int, train: bool) -> dict:
+    """Loader.__init__ arguments for a loader over a shard split (the dali and torch backends)."""
+    return {
+        "split": shards.split,
+        "train": train,
+        "batch_size": batch_size,
+        "steps": count_steps(shards.split, shards.num_samples, world_size, batch_size, train),
+        "num_samples": shards.num_samples,
+        "classes": shards.classes,
+        "class_names": shards.class_names,
+    }

@@ -34,7 +34,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from imagenet_ddp.data import plan
-from imagenet_ddp.data.base import Loader, count_steps
+from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
     CROP_AREA,
     CROP_ASPECT,
@@ -99,15 +99,8 @@ def _pipeline(
 
 class DaliLoader(Loader):
     def __init__(self, cfg, shards: ShardSplit, *, rank, world_size, device, seed, train):
-        b = cfg.batch_size
         super().__init__(
-            split=shards.split,
-            train=train,
-            batch_size=b,
-            steps=count_steps(shards.split, shards.num_samples, world_size, b, train),
-            num_samples=shards.num_samples,
-            classes=shards.classes,
-            class_names=shards.class_names,
+            **shard_loader_fields(shards, world_size=world_size, batch_size=cfg.batch_size, train=train)
         )
         self.cfg, self.shards, self.device = cfg, shards, device
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -9,7 +9,6 @@ happen before DALI opens a file (DALI segfaults or gives anonymous errors on bad
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imagenet_ddp.errors import UserError
+from imagenet_ddp.shards import file_sha256
 
 SPLITS_HINT = "make them with: python make_shards.py {imagenet,tiny-imagenet,folder} --src ... --out ROOT"
 
@@ -74,7 +74,7 @@ class ShardSplit:
         """The first of `shards` whose size or sha256 differs from the manifest (after a read failed)."""
         for shard in shards:
             try:
-                if shard.path.stat().st_size != shard.bytes or _sha256(shard.path) != shard.sha256:
+                if shard.path.stat().st_size != shard.bytes or file_sha256(shard.path) != shard.sha256:
                     return shard
             except OSError:
                 return shard
@@ -164,10 +164,3 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from imagenet_ddp.data import plan
-from imagenet_ddp.data.base import Loader, count_steps
+from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
     PAD_LABEL,
     center_crop_origin,
@@ -145,21 +145,14 @@ def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
 
 class TorchLoader(Loader):
     def __init__(self, cfg, shards: ShardSplit, *, rank, world_size, device, seed, train):
-        b = cfg.batch_size
         super().__init__(
-            split=shards.split,
-            train=train,
-            batch_size=b,
-            steps=count_steps(shards.split, shards.num_samples, world_size, b, train),
-            num_samples=shards.num_samples,
-            classes=shards.classes,
-            class_names=shards.class_names,
+            **shard_loader_fields(shards, world_size=world_size, batch_size=cfg.batch_size, train=train)
         )
         self.device, self.channels_last = device, cfg.channels_last
         self.dataset = ShardSamples(cfg, shards, rank=rank, world_size=world_size, seed=seed, train=train)
         self._loader = DataLoader(
             self.dataset,
-            batch_size=b,
+            batch_size=cfg.batch_size,
             num_workers=cfg.workers,
             pin_memory=device.type == "cuda",
             # Fresh workers each epoch: they fork with the current epoch number in the dataset.
