@@ -327,3 +327,26 @@ def test_a_stop_after_the_last_step_resumes_without_reading_the_epoch_again():
     again = train_one_epoch(state, Unread([batch] * 4), cfg, NullTracker(), NoStop(), save=lambda: None)
     assert not again["stopped"] and state.step == 4
     assert again["train_loss"] == pytest.approx(first["train_loss"])  # the epoch's totals carried over
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_channels_last_run_saves_weights_a_plain_model_loads(shards, tmp_path):
+    from imagenet_ddp.models import build_model
+
+    run = tmp_path / "run"
+    args = small_run(
+        shards,
+        run,
+        "data.backend=synthetic",
+        "train.epochs=1",
+        "train.compile=true",
+        "train.precision=bf16",
+        "train.channels_last=true",
+    )
+    assert train_ddp.main(args) == 0
+    metrics = read_metrics(run)
+    assert len(metrics) == 1 and math.isfinite(metrics[0]["train_loss"])
+    ckpt = load(run / "last.pt")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    build_model(**ckpt["architecture"]).load_state_dict(ckpt["model"])  # strict: every key matches
+    assert ckpt["config"]["derived"]["precision"] == "bf16"
