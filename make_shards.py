@@ -4,7 +4,7 @@
     python make_shards.py imagenet --src /data/imagenet --out shards/imagenet --workers 16
     python make_shards.py tiny-imagenet --src tiny-imagenet-200.zip --out shards/tiny
     python make_shards.py folder --src my_photos --out shards/photos --max-side 256 --quality 90
-    python make_shards.py verify shards/imagenet/train shards/imagenet/val
+    python make_shards.py verify shards/imagenet/train shards/imagenet/val [--against-source]
 
 `imagenet` detects the original archives (ILSVRC2012_img_*.tar + devkit), the Kaggle layout or
 extracted train/<wnid> val/<wnid> folders. Re-running an interrupted job finishes it.
@@ -78,6 +78,12 @@ def parse_args(argv):
     v = sub.add_parser("verify", help="re-check shard splits against their manifests")
     v.add_argument("splits", nargs="+", help="split folders, e.g. shards/imagenet/train")
     v.add_argument("--workers", type=_positive, default=_default_workers())
+    v.add_argument(
+        "--against-source",
+        action="store_true",
+        help="also list the source again: every file packed or rejected exactly once, nothing else",
+    )
+    v.add_argument("--src", help="with --against-source: the source, if it moved since packing")
     return p.parse_args(argv)
 
 
@@ -112,7 +118,7 @@ def pack(args) -> int:
 def verify(args) -> int:
     from imagenet_ddp.verify import verify_splits
 
-    problems = verify_splits(args.splits, args.workers)
+    problems = verify_splits(args.splits, args.workers, args.against_source, args.src)
     for line in problems:
         print(line)
     print(

@@ -6,6 +6,10 @@ Checks per shard: size and sha256 against the manifest, the tar reads to its end
 `<key>.{jpg,cls,json}` members, the sample count, the DALI index equals the members' real offsets, every
 jpg decodes as a baseline RGB JPEG, every cls is a class index agreeing with the json's wnid. Across the
 split: keys are unique, totals match, no stray shard files; across splits: the same class list.
+
+With `--against-source` (`check_source=True`) the split's source is listed again (the dataset and
+path recorded in the manifest, or `--src`): every source file must be in the shards or in
+rejected.jsonl exactly once, and nothing else may be there.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from imagenet_ddp.shards import INDEX_VERSION, file_sha256
 EXTS = ("jpg", "cls", "json")
 
 
-def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[str], list[str]]:
-    """(problems, keys) of one shard; problems are lines naming the shard."""
+def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(problems, keys, source paths) of one shard; problems are lines naming the shard."""
     path = Path(split_dir) / entry["file"]
     problems: list[str] = []
 
@@ -30,7 +34,7 @@ def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[
 
     if not path.is_file():
         bad("missing")
-        return problems, []
+        return problems, [], []
     size = path.stat().st_size
     if size != entry["bytes"]:
         bad(f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
@@ -56,6 +60,7 @@ def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[
     if len(samples) != entry["num_samples"]:
         bad(f"{len(samples)} samples, manifest says {entry['num_samples']}")
     expected_index = [f"{INDEX_VERSION} {len(order)}"]
+    sources: list[str] = []
     for key in order:
         parts = samples[key]
         missing = [e for e in EXTS if e not in parts]
@@ -70,7 +75,9 @@ def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[
             bad(f"sample {key}: {reason}")
         try:
             label = int(parts["cls"][2].decode())
-            wnid = json.loads(parts["json"][2])["wnid"]
+            meta = json.loads(parts["json"][2])
+            wnid = meta["wnid"]
+            sources.append(meta["source"])
         except (ValueError, KeyError, TypeError):
             bad(f"sample {key}: unreadable cls or json")
             continue
@@ -86,14 +93,49 @@ def verify_shard(split_dir: str, entry: dict, classes: list[str]) -> tuple[list[
     else:
         if tar_complete and index != expected_index:
             bad(f"index {index_path.name} does not match the tar's members")
-    return problems, order
+    return problems, order, sources
 
 
-def verify_splits(split_dirs: list[str], workers: int = 1) -> list[str]:
+MAX_LISTED = 20  # per kind of source mismatch: the count says the rest
+
+
+def _check_against_source(split_dir: Path, manifest: dict, packed: list[str], src: str | None) -> list[str]:
+    from imagenet_ddp.errors import UserError
+    from imagenet_ddp.sources import list_source
+
+    split = manifest["split"]
+    try:
+        listing = list_source(manifest["dataset"], src or manifest["source"]["path"], (split,))
+    except UserError as e:
+        return [f"{split_dir}: cannot list the source again: {e}"]
+    expected = {f.path for f in listing.splits[split]} | {p for p, _ in listing.missing.get(split, [])}
+    rejected_path = split_dir / "rejected.jsonl"
+    try:
+        rejected = [json.loads(line)["source"] for line in rejected_path.read_text().splitlines() if line]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{rejected_path}: missing or unreadable ({e})"]
+    seen: dict[str, int] = {}
+    for path in packed + rejected:
+        seen[path] = seen.get(path, 0) + 1
+    problems = []
+    for what, paths in (
+        ("source file neither packed nor rejected", sorted(expected - seen.keys())),
+        ("packed or rejected more than once", sorted(p for p, n in seen.items() if n > 1)),
+        ("in the shards but not in the source", sorted(seen.keys() - expected)),
+    ):
+        problems += [f"{split_dir}: {what}: {p}" for p in paths[:MAX_LISTED]]
+        if len(paths) > MAX_LISTED:
+            problems.append(f"{split_dir}: {what}: {len(paths) - MAX_LISTED} more")
+    return problems
+
+
+def verify_splits(
+    split_dirs: list[str], workers: int = 1, check_source: bool = False, src: str | None = None
+) -> list[str]:
     """Every problem found in the given split folders (empty list = all good)."""
     import multiprocessing as mp
 
-    problems, jobs, class_lists = [], [], {}
+    problems, jobs, class_lists, manifests = [], [], {}, {}
     for d in split_dirs:
         manifest_path = Path(d) / "manifest.json"
         try:
@@ -102,7 +144,7 @@ def verify_splits(split_dirs: list[str], workers: int = 1) -> list[str]:
         except (OSError, ValueError, KeyError) as e:
             problems.append(f"{manifest_path}: missing or unreadable manifest ({e})")
             continue
-        class_lists[d] = classes
+        class_lists[d], manifests[d] = classes, manifest
         listed = {s["file"] for s in shards}
         problems += [
             f"{p}: shard not listed in the manifest"
@@ -118,8 +160,10 @@ def verify_splits(split_dirs: list[str], workers: int = 1) -> list[str]:
     else:
         results = [verify_shard(*job) for job in jobs]
     keys: dict[str, dict[str, str]] = {}
-    for (d, entry, _), (shard_problems, shard_keys) in zip(jobs, results, strict=True):
+    packed: dict[str, list[str]] = {d: [] for d in manifests}
+    for (d, entry, _), (shard_problems, shard_keys, sources) in zip(jobs, results, strict=True):
         problems += shard_problems
+        packed[d] += sources
         seen = keys.setdefault(d, {})
         for key in shard_keys:
             if key in seen:
@@ -127,4 +171,7 @@ def verify_splits(split_dirs: list[str], workers: int = 1) -> list[str]:
             seen[key] = entry["file"]
     if len({json.dumps(c) for c in class_lists.values()}) > 1:
         problems.append(f"class lists differ between {', '.join(class_lists)}")
+    if check_source:
+        for d, manifest in manifests.items():
+            problems += _check_against_source(Path(d), manifest, packed[d], src)
     return problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -151,33 +152,63 @@ def test_pack_only_mode_keeps_bytes_and_rejects_truncated(tmp_path):
     assert run_cli("verify", tmp_path / "out" / "train").returncode == 0
 
 
-def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
-    fx = fixtures.make_folder(tmp_path / "src", num_classes=4, per_class=60, val_per_class=2, bad=False)
-    args = ["folder", "--src", fx.src, "--shard-size", 3, "--workers", 1, "--splits", "train"]
-    run_cli(*args, "--out", tmp_path / "ref")
-    out = tmp_path / "out"
+def _kill_after_parts(args, out: Path, parts_done: int) -> bool:
+    """Start make_shards, SIGKILL it once `parts_done` shards are finished; False if it ended first."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "make_shards.py"), *map(str, args), "--out", str(out)]
     )
     parts = out / "train" / ".parts"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("train-*.json"))) >= 3:
+        if parts.is_dir() and len(list(parts.glob("train-*.json"))) >= parts_done:
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "the run should have been killed mid-way"
+        time.sleep(0.002)
+    return proc.wait() == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_run_rerun_gives_identical_shards_nothing_lost_nothing_twice(workers, tmp_path):
+    fx = fixtures.make_folder(tmp_path / "src", num_classes=4, per_class=60, val_per_class=2)
+    args = ["folder", "--src", fx.src, "--shard-size", 3, "--workers", workers, "--splits", "train"]
+    run_cli(*args, "--out", tmp_path / "ref")
+    num_shards = len(manifest(tmp_path / "ref" / "train")["shards"])
+    out = tmp_path / "out"
+    rng = random.Random(workers)
+    kills = 0
+    for _ in range(2):  # killed twice at random points, the second time while resuming
+        kills += _kill_after_parts(args, out, rng.randrange(1, num_shards - 2))
+    assert kills >= 1, "at least one run should have been killed mid-way"
     assert not (out / "train" / "manifest.json").exists()
-    done_before = len(list(parts.glob("train-*.json")))
     resumed = run_cli(*args, "--out", out)
     assert "images" in resumed.stdout
     ref_files = sorted(p.name for p in (tmp_path / "ref" / "train").iterdir())
     assert sorted(p.name for p in (out / "train").iterdir()) == ref_files
     for name in ref_files:
         assert (out / "train" / name).read_bytes() == (tmp_path / "ref" / "train" / name).read_bytes(), name
-    assert done_before < len(manifest(out / "train")["shards"])
+    proc = run_cli("verify", out / "train", "--against-source")
+    assert proc.stdout.strip().endswith(f"verify: OK {out / 'train'}")
     again = run_cli(*args, "--out", out)
     assert "already complete" in again.stdout
+
+
+def test_verify_against_source_finds_lost_duplicated_and_foreign_samples(tmp_path):
+    fx = fixtures.make_folder(tmp_path / "src", per_class=4, val_per_class=1)
+    out = tmp_path / "out"
+    pack("folder", fx.src, out, "--shard-size", 5)
+    assert run_cli("verify", out / "train", "--against-source").returncode == 0
+    new = fx.src / "train" / fx.wnids[0] / "late_addition.jpg"
+    new.write_bytes(fixtures.Fixture.read_bytes(fx, fx.expected("train")[0]))
+    rejected = out / "train" / "rejected.jsonl"
+    lines = rejected.read_text().splitlines()
+    rejected.write_text("\n".join([lines[0], lines[0], json.dumps({"source": "/elsewhere/x.jpg"})]) + "\n")
+    proc = run_cli("verify", out / "train", "--against-source", check=False)
+    assert proc.returncode == 1
+    text = proc.stdout
+    assert f"neither packed nor rejected: {new}" in text
+    assert "more than once: " + json.loads(lines[0])["source"] in text
+    assert "not in the source: /elsewhere/x.jpg" in text
+    assert all(json.loads(line)["source"] in text for line in lines[1:]), "dropped rejections are lost files"
 
 
 def test_verify_names_every_problem(tmp_path):
