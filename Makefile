@@ -3,7 +3,8 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEMO_SRC := data/tiny-imagenet-demo
+DEMO_SRC := data/digits
+TINY_SAMPLE := data/tiny-imagenet-demo
 DEMO_OUT := shards/demo
 
 .PHONY: install system demo test lint bench clean
@@ -11,19 +12,24 @@ DEMO_OUT := shards/demo
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dali,dev]'
+	$(PY) -m pip install -q -e '.[dali,dev,demo]'
 	touch $@
 
 install: $(VENV)/.installed
 
-# Pack the bundled data, verify it, train on 2 CPU processes (torchrun + gloo, W&B offline without a
-# key), then classify its unlabeled test images with Spanish labels and re-evaluate the checkpoint.
+# The main job end to end on a real dataset that ships offline (scikit-learn's digits): write it as
+# JPEG folders, pack and verify shards, train on 2 CPU processes (torchrun + gloo, DALI CPU, W&B
+# offline without a key), classify the held-out test digits and re-evaluate the checkpoint. Then pack
+# the bundled Tiny ImageNet-layout sample, whose val labels only its annotation file gives.
 demo: install
-	$(PY) make_shards.py tiny-imagenet --src $(DEMO_SRC) --out $(DEMO_OUT) --shard-size 100 --workers 2
-	$(PY) make_shards.py verify $(DEMO_OUT)/train $(DEMO_OUT)/val
+	$(PY) -m imagenet_ddp.demo_data --out $(DEMO_SRC)
+	$(PY) make_shards.py folder --src $(DEMO_SRC) --out $(DEMO_OUT) --shard-size 100 --workers 2
+	$(PY) make_shards.py verify $(DEMO_OUT)/train $(DEMO_OUT)/val --against-source
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train_ddp.py --config configs/demo.yaml
-	$(PY) predict.py --checkpoint runs/demo/best.pt $(DEMO_SRC)/test/images --topk 3 --lang es
+	$(PY) predict.py --checkpoint runs/demo/best.pt $(DEMO_SRC)/test --topk 3 --lang es
 	$(PY) predict.py --checkpoint runs/demo/best.pt --evaluate $(DEMO_OUT)/val
+	$(PY) make_shards.py tiny-imagenet --src $(TINY_SAMPLE) --out shards/tiny-sample --shard-size 250
+	$(PY) make_shards.py verify shards/tiny-sample/train shards/tiny-sample/val
 
 # System packages the tests use for real (SLURM + munge, Chromium + chromedriver), from the
 # distribution, when we may install them.
@@ -43,4 +49,4 @@ bench: install
 	$(PY) -m imagenet_ddp.bench shards
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_SRC) shards/tiny-sample runs/demo .pytest_cache

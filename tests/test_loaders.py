@@ -318,6 +318,7 @@ def test_dali_train_graph_of_cuda_devices_runs(shards):
         resize=SIZE,
         shuffle_buffer=16,
         crop_only=False,
+        crop_area=(0.08, 1.0),
         batch_size=BATCH,
         num_threads=1,
         device_id=None,

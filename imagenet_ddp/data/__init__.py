@@ -58,6 +58,7 @@ class DataConfig:
     workers: int = 4  # per process: DataLoader worker processes (torch) or CPU threads (dali)
     channels_last: bool = True  # memory format of the images (faster convolutions with AMP)
     shuffle_buffer: int = 1024  # samples each reader holds to shuffle train order (~110 KB each)
+    crop_area_min: float = 0.08  # RandomResizedCrop's smallest area fraction (larger for small images)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -67,6 +68,8 @@ class DataConfig:
                 raise UserError(f"data.{name} must be at least 1, not {getattr(self, name)}")
         if self.workers < 0:
             raise UserError(f"data.workers must be 0 or more, not {self.workers}")
+        if not 0 < self.crop_area_min <= 1:
+            raise UserError(f"data.crop_area_min must be in (0, 1], not {self.crop_area_min}")
         if not 0 < self.eval_crop_ratio <= 1:
             raise UserError(f"data.eval_crop_ratio must be in (0, 1], not {self.eval_crop_ratio}")
 

@@ -50,7 +50,17 @@ from imagenet_ddp.errors import UserError
 
 @pipeline_def
 def _pipeline(
-    paths, index_paths, rank, world_size, train, decoder, image_size, resize, shuffle_buffer, crop_only
+    paths,
+    index_paths,
+    rank,
+    world_size,
+    train,
+    decoder,
+    image_size,
+    resize,
+    shuffle_buffer,
+    crop_only,
+    crop_area,
 ):
     jpegs, cls = fn.readers.webdataset(
         paths=paths,
@@ -70,7 +80,7 @@ def _pipeline(
             jpegs,
             device=decoder,
             output_type=types.RGB,
-            random_area=list(CROP_AREA),
+            random_area=list(crop_area),
             random_aspect_ratio=list(CROP_ASPECT),
             num_attempts=10,
         )
@@ -127,6 +137,7 @@ class DaliLoader(Loader):
             resize=eval_resize_size(self.cfg.eval_size, self.cfg.eval_crop_ratio),
             shuffle_buffer=self.cfg.shuffle_buffer,
             crop_only=self.crop_only,
+            crop_area=(self.cfg.crop_area_min, CROP_AREA[1]),
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),
             device_id=_cuda_index(self.device) if cuda else None,

@@ -42,12 +42,14 @@ def center_crop_origin(length: int, crop: int) -> int:
     return (length - crop + 1) // 2
 
 
-def random_resized_crop_box(rng: random.Random, height: int, width: int) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    rng: random.Random, height: int, width: int, area_min: float = CROP_AREA[0]
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) drawn like torchvision's RandomResizedCrop.get_params, from `rng`."""
     area = height * width
     log_lo, log_hi = math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])
     for _ in range(10):
-        target = area * rng.uniform(*CROP_AREA)
+        target = area * rng.uniform(area_min, CROP_AREA[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))

@@ -75,7 +75,7 @@ class ShardSamples(IterableDataset):
 
     def _train_image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
         image = _decode(sample)
-        top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2])
+        top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], self.cfg.crop_area_min)
         size = [self.cfg.image_size] * 2
         image = F.resized_crop(image, top, left, h, w, size, antialias=True)
         return self._layout(F.horizontal_flip(image) if rng.random() < 0.5 else image)
