@@ -90,6 +90,7 @@ def train(cfg, env, stop) -> int:
         "world_size": env.world_size,
     }
     metrics = ckpt.get("metrics") if ckpt else None
+    unsaved: list[str] = []  # why the newest save failed, until one succeeds (rank 0 only)
 
     def save(is_best: bool = False) -> None:
         # Every rank's RNG state, so a resumed rank continues its own stream, and every rank's weights
@@ -102,8 +103,10 @@ def train(cfg, env, stop) -> int:
         payload["weights_sha256"] = digests
         try:
             ckpts.save({**payload, "wandb_run_id": tracker.wandb_run_id}, is_best)
+            unsaved.clear()
         except ck.CheckpointError as e:  # e.g. disk full: the previous checkpoint is intact, go on
             tracker.info(f"warning: {e}; the previous checkpoint is kept")
+            unsaved[:] = [str(e)]
         # No rank leaves before rank 0 has written: a rank exiting for requeue makes torchrun (or
         # srun --kill-on-bad-exit) kill the others, rank 0 mid-save included.
         barrier()
@@ -150,6 +153,9 @@ def train(cfg, env, stop) -> int:
         f"{time.time() - start:.0f} s this session; checkpoints in {cfg.run.dir}"
     )
     tracker.close()
+    if unsaved:  # the trained weights are not on disk: not a success
+        print(f"train_ddp.py: error: the final checkpoint was not saved: {unsaved[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -168,14 +174,21 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from imagenet_ddp.dist import StopSignal, distributed
+        from imagenet_ddp.dist import StopSignal, distributed, lost_peer
 
         stop = StopSignal().install()  # before any worker process or thread starts
         stop.received = early[0] if early else None
         try:
             with distributed(cfg.run.timeout_s) as env:
                 prefix = f"train_ddp.py: error on rank {env.rank}:" if env.world_size > 1 else prefix
-                return train(cfg, env, stop)
+                try:
+                    return train(cfg, env, stop)
+                except Exception as e:
+                    message = lost_peer(e, cfg.run.timeout_s) if env.world_size > 1 else None
+                    if message is None:
+                        raise
+                    print(f"{prefix} {message}", file=sys.stderr, flush=True)
+                    return 1
         finally:
             stop.uninstall()
     except UserError as e:

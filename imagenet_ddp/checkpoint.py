@@ -93,21 +93,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A file for torch.save that remembers the OSError of a failed write. torch.save reports a full
+    disk as a RuntimeError about stream positions ("unexpected pos 768 vs 662"), not as the OSError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename: `path` is the old or the new file,
     never a partial one. On failure (disk full) the temporary file is removed and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = None
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as file:
+            f = _WriteErrors(file)
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        error = e if isinstance(e, OSError) else f.error if f is not None else None
+        if error is not None:
+            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
         raise
     _fsync_dir(path.parent)
 
@@ -167,6 +188,10 @@ class CheckpointDir:
         if not self.writer:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A writer killed in the middle of a save (SIGKILL, power loss) leaves its temporary file:
+        # the run folder has one writer, so any such file is a dead one's (a checkpoint's size each).
+        for partial in self.dir.glob(".*.pt.tmp-*"):
+            partial.unlink(missing_ok=True)
         if self.keep_last == 0:
             save_atomic(ckpt, self.last)
             written = self.last

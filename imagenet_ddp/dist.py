@@ -71,6 +71,28 @@ def read_env() -> tuple[int, int, int, int]:
     return 0, 0, 1, 1
 
 
+def _elastic_store(world_size: int, timeout: datetime.timedelta):
+    """Under torchrun, the store this worker group rendezvous through; None elsewhere.
+
+    torchrun's agent serves one TCPStore for its whole life, restarts included, and a restarted group
+    finds the keys of the group before it there (gloo's and nccl's peer addresses): a rank that reads
+    a dead peer's address retries connecting to it until the collective timeout, so the restart hangs
+    (seen with --max-restarts: "Connection refused" for minutes). Each group gets its own key prefix,
+    numbered by a counter in the store that every worker of every group increments once: group g is
+    workers g*world_size+1 ... (g+1)*world_size. (A counter, not TORCHELASTIC_RESTART_COUNT: nodes that
+    restart because another node failed do not count that as one of their restarts.) A worker that dies
+    before it gets here (during its imports) leaves the count short for every later group: their ranks
+    then wait under different prefixes until the timeout, at every restart after that."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_process_group makes its own store from MASTER_ADDR/MASTER_PORT
+    store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    group = (store.add("imagenet-ddp/workers-started", 1) - 1) // world_size
+    return dist.PrefixStore(f"imagenet-ddp/group-{group}/", store)
+
+
 def setup(timeout_s: float = 900) -> DistEnv:
     """Init the process group (nccl on CUDA, gloo on CPU) when there is more than one process."""
     rank, local_rank, world_size, local_world = read_env()
@@ -84,11 +106,13 @@ def setup(timeout_s: float = 900) -> DistEnv:
             cores = len(os.sched_getaffinity(0))
             torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
+            store=_elastic_store(world_size, timeout),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank, local_rank, world_size, local_world, device)
@@ -150,6 +174,26 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if _active():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=src)
+
+
+# How gloo and nccl word a collective that lost its peer or ran past the timeout: often a plain
+# RuntimeError ("Application timeout caused pair closure", "Connection reset by peer").
+_PEER_LOST = ("timed out", "timeout", "pair closure", "connection reset", "connection closed", "broken pipe")
+
+
+def lost_peer(error: BaseException, timeout_s: float) -> str | None:
+    """One line for the user when `error` is a collective that timed out or lost its peer (another rank
+    died or hangs: not this rank's fault, and a traceback through DDP's internals would not help)."""
+    text = str(error).strip()
+    if not isinstance(error, dist.DistError) and not (
+        isinstance(error, RuntimeError) and any(w in text.lower() for w in _PEER_LOST)
+    ):
+        return None
+    reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return (
+        f"another rank died or did not answer a collective within run.timeout_s={timeout_s} s ({reason}); "
+        "the launcher's summary names the rank it lost"
+    )
 
 
 def barrier() -> None:
