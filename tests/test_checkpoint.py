@@ -128,3 +128,24 @@ def test_the_weights_digest_follows_parameters_not_buffers():
     assert (
         weights_digest(model.to(memory_format=torch.channels_last)) == changed
     )  # the values, not the layout
+
+
+def test_a_write_past_the_file_size_limit_is_a_checkpoint_error_and_the_old_file_stays(tmp_path):
+    """What a full disk does to torch.save, without root: the write fails with an OSError (here EFBIG
+    from RLIMIT_FSIZE) that torch.save would report as a RuntimeError about stream positions."""
+    import resource
+    import signal
+
+    path = tmp_path / "last.pt"
+    save_atomic(ckpt(1), path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error instead of the signal's death
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(CheckpointError, match=f"cannot write checkpoint {path}: File too large"):
+            save_atomic(ckpt(2, big=torch.zeros(1 << 20)), path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -1,0 +1,272 @@
+"""Fault tolerance (the README's promises): interrupted runs end bitwise as uninterrupted ones (a rank
+SIGKILLed and brought back by `torchrun --max-restarts`, SIGTERM to all, a DALI run resumed mid-epoch),
+a disk that fills up while a checkpoint is written, a process killed in the middle of a checkpoint
+write, a rank that stops answering collectives. Real torchrun with gloo on CPU, real tmpfs, real signals.
+
+python -m pytest tests/test_fault_tolerance.py -q        (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagenet_ddp.checkpoint import load
+from tests.test_train import make_tiny_shards, small_run
+from tests.test_train_ddp import REPO, environment, metrics
+
+STEPS = 96 // (2 * 8)  # steps per epoch: train samples / (ranks x batch)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny"))
+
+
+def torchrun(*args: str, restarts: int = 0) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*launcher, f"--max-restarts={restarts}", "--monitor-interval=0.1", "train_ddp.py", *args]
+
+
+def start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the test can clean up every process it made
+    )
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its children) alive now."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        ranks = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if ppid == launcher and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+    try:
+        log = proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            # torchrun starts each worker in a session of its own: kill those by pid first.
+            for pid in workers(proc.pid).values():
+                os.kill(pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    print(log[-5000:])
+    return log
+
+
+def wait_for(condition, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["weights_sha256"] == b["weights_sha256"]
+    for key, value in a["model"].items():  # buffers (BatchNorm statistics) included
+        assert torch.equal(value, b["model"][key]), key
+
+
+# Three epochs of 6 steps on two ranks, deterministic, a checkpoint every 2 steps.
+SAME = ("train.epochs=3", "train.deterministic=true", "run.checkpoint_every=2", "run.keep_last=20")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory) -> dict:
+    """last.pt of the run the interrupted ones must reproduce bit for bit."""
+    tmp = tmp_path_factory.mktemp("whole")
+    assert "done:" in finish(start(torchrun(*small_run(shards, tmp / "run", *SAME)), environment(tmp)))
+    return load(tmp / "run" / "last.pt")
+
+
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_bitwise_as_an_uninterrupted_run(
+    shards, tmp_path, uninterrupted
+):
+    env = environment(tmp_path)
+    killed = tmp_path / "killed"
+    proc = start(torchrun(*small_run(shards, killed, *SAME), restarts=3), env)
+    # Mid-epoch: steps 1-6 are epoch 1; step 8's checkpoint is in the middle of epoch 2.
+    wait_for(lambda: (killed / "step-00000008.pt").exists() or proc.poll() is not None, what="step 8")
+    victim = workers(proc.pid).get(1)
+    assert victim is not None, "rank 1 already gone: the run ended before it could be killed"
+    os.kill(victim, signal.SIGKILL)
+    log = finish(proc)
+    assert proc.returncode == 0, log
+    # The restarted group continued from a checkpoint in the middle of epoch 2, not from scratch.
+    resumed = re.search(r"resuming from \S+: step (\d+) \(epoch 1 batch (\d+)", log)
+    assert resumed and int(resumed[2]) > 0, log
+    assert load(killed / "last.pt")["step"] == 3 * STEPS
+    steps = [m["step"] for m in metrics(killed)]
+    assert steps == [STEPS, 2 * STEPS, 3 * STEPS]  # one line per epoch, none repeated
+    assert_same_weights(uninterrupted, load(killed / "last.pt"))
+
+
+def test_sigterm_to_all_mid_epoch_then_the_same_command_ends_bitwise_as_an_uninterrupted_run(
+    shards, tmp_path, uninterrupted
+):
+    env = environment(tmp_path)
+    out = tmp_path / "run"
+    cmd = torchrun(*small_run(shards, out, *SAME))
+    proc = start(cmd, env)
+    wait_for(lambda: (out / "step-00000008.pt").exists() or proc.poll() is not None, what="step 8")
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it on to its workers, as under SLURM
+    finish(proc)
+    assert proc.returncode != 0  # 75 from the workers; torchrun reports its own failure status
+    stopped = load(out / "last.pt")
+    assert 8 <= stopped["step"] < 3 * STEPS and stopped["batch_in_epoch"] > 0
+    log = finish(start(cmd, env))
+    assert f"resuming from {out / 'last.pt'}: step {stopped['step']}" in log and "done:" in log
+    assert_same_weights(uninterrupted, load(out / "last.pt"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 230 MB tmpfs: room for two checkpoints of the test model (90 MB each), not three."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=230m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_is_reported_and_the_last_good_checkpoint_stays_loadable(shards, tmp_path, small_disk):
+    out = small_disk / "run"
+    args = small_run(shards, out, "train.epochs=1", "run.checkpoint_every=2", "run.keep_last=2")
+    done = subprocess.run(
+        [sys.executable, "train_ddp.py", *args],
+        cwd=REPO,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    # Steps 2 and 4 fit; the saves at 6, 8, 10 and 12 (the epoch's end) find the disk full.
+    warnings = [line for line in done.stdout.splitlines() if "No space left on device" in line]
+    assert len(warnings) == 4, done.stdout
+    assert warnings[0] == (
+        f"warning: cannot write checkpoint {out / 'step-00000006.pt'}: No space left on device; "
+        "the previous checkpoint is kept"
+    )
+    # Training went on, but a run whose final weights are not on disk does not end as a success.
+    assert done.returncode == 1
+    assert "error: the final checkpoint was not saved" in done.stderr
+    kept = load(out / "last.pt")
+    assert kept["step"] == 4 and kept["batch_in_epoch"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt" or ".tmp" in p.name) == [
+        "last.pt",
+        "step-00000002.pt",
+        "step-00000004.pt",
+    ]
+
+
+def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_and_resumes(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train_ddp.py",
+        *small_run(shards, out, "train.epochs=1", "run.checkpoint_every=2"),
+    ]
+    env = environment(tmp_path)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        # The second save's temporary file (the first one's step file is then complete): kill at once.
+        def writing() -> bool:
+            return proc.poll() is not None or any(out.glob(".step-00000004.pt.tmp-*"))
+
+        wait_for(writing, timeout=120, what="the second checkpoint write")
+        proc.kill()
+        log = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(log[-3000:])
+    partial = list(out.glob(".step-*.tmp-*"))
+    assert partial, "the write finished before the kill: nothing was tested"
+    assert partial[0].stat().st_size < (out / "step-00000002.pt").stat().st_size
+    assert load(out / "last.pt")["step"] == 2
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0
+    assert f"resuming from {out / 'last.pt'}: step 2 (epoch 0 batch 2)" in done.stdout
+    assert load(out / "last.pt")["step"] == 96 // 8
+    assert not list(out.glob(".*.tmp-*"))  # the dead process's partial file was cleaned up
+
+
+def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(shards, tmp_path):
+    out = tmp_path / "run"
+    args = small_run(shards, out, "train.epochs=5", "run.timeout_s=5", "run.checkpoint_every=2")
+    proc = start(torchrun(*args), environment(tmp_path))
+    wait_for(lambda: (out / "step-00000004.pt").exists() or proc.poll() is not None, what="step 4")
+    hung = workers(proc.pid).get(1)
+    assert hung is not None, "rank 1 already gone"
+    os.kill(hung, signal.SIGSTOP)  # alive but silent, as a rank stuck in a driver or on a dead disk
+    stopped_at = time.time()
+    log = finish(proc, timeout=120)
+    # 5 s for the collective to time out on rank 0, then up to 30 s for torchrun to give up on the
+    # SIGTERM it sends the stopped rank before it SIGKILLs it.
+    assert proc.returncode != 0 and time.time() - stopped_at < 60
+    assert "train_ddp.py: error on rank 0: another rank died or did not answer a collective within " in log
+    assert "run.timeout_s=5 s" in log
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", log), "torchrun names the lost rank"
+    assert load(out / "last.pt")["step"] >= 4  # what was saved before is kept
+
+
+def test_a_dali_run_resumed_mid_epoch_ends_with_the_same_weights_as_an_uninterrupted_one(shards, tmp_path):
+    """The DALI loader replays the epoch from (seed, epoch) and the engine skips the batches already
+    trained on: the resumed run sees exactly the samples and crops the uninterrupted one saw after step 5."""
+    pytest.importorskip("nvidia.dali")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    same = ("data.backend=dali", "data.workers=2", "train.epochs=2", "train.deterministic=true")
+    same += ("run.checkpoint_every=5", "run.keep_last=10")
+    env = environment(tmp_path)
+
+    def train(run_dir: Path) -> None:
+        cmd = [sys.executable, "train_ddp.py", *small_run(shards, run_dir, *same)]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        print(done.stdout[-2000:], done.stderr[-2000:])
+        assert done.returncode == 0
+
+    train(whole)
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((whole / "step-00000005.pt").read_bytes())  # as if killed at step 5
+    assert load(resumed / "last.pt")["batch_in_epoch"] == 5
+    train(resumed)
+    assert_same_weights(load(whole / "last.pt"), load(resumed / "last.pt"))
