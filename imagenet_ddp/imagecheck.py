@@ -66,7 +66,8 @@ def _needs_conversion(img: Image.Image, max_side: int | None) -> str | None:
     return None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any PIL mode: alpha composited on white, 16-bit/float grayscale scaled to 8 bits."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         white = Image.new("RGB", img.size, (255, 255, 255))
@@ -135,7 +136,7 @@ def prepare(
         # Let libjpeg shrink by a power of two while decoding: much faster, quality kept for the resize.
         img.draft(img.mode, (width * max_side // max(img.size), height * max_side // max(img.size)))
     _load(img)
-    img = _to_rgb(img)
+    img = to_rgb(img)
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from imagenet_ddp import checkpoint as ck
 from imagenet_ddp.data.presets import center_crop_origin, eval_resize_shape
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.imagecheck import _to_rgb as to_rgb  # as make_shards converts: alpha on white
+from imagenet_ddp.imagecheck import to_rgb  # as make_shards converts: alpha on white
 
 # PIL refuses larger images itself (DecompressionBombError at 2x its MAX_IMAGE_PIXELS): 179 Mpx, a
 # 16000 x 11000 photo. The limit is ours so that it holds whatever PIL's global setting is.

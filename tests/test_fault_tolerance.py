@@ -21,7 +21,7 @@ import torch
 
 from imagenet_ddp.checkpoint import load
 from tests.test_train import make_tiny_shards, small_run
-from tests.test_train_ddp import REPO, environment, metrics
+from tests.test_train_ddp import REPO, environment, metrics, start
 
 STEPS = 96 // (2 * 8)  # steps per epoch: train samples / (ranks x batch)
 pytestmark = pytest.mark.slow
@@ -35,18 +35,6 @@ def shards(tmp_path_factory) -> Path:
 def torchrun(*args: str, restarts: int = 0) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return [*launcher, f"--max-restarts={restarts}", "--monitor-interval=0.1", "train_ddp.py", *args]
-
-
-def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the test can clean up every process it made
-    )
 
 
 def workers(launcher: int) -> dict[int, int]:

@@ -56,6 +56,18 @@ def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.Completed
     return done
 
 
+def start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the test can clean up every process it made
+    )
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -87,15 +99,7 @@ def test_sigterm_stops_both_ranks_with_a_usable_last_pt_and_the_same_command_fin
     out = tmp_path / "run"
     env = environment(tmp_path)  # no WANDB_MODE and no key: W&B falls back to offline by itself
     cmd = torchrun(*small_run(shards, out, "train.epochs=3", "logging.wandb=true", "logging.log_every=1"))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(cmd, env)
     seen = []
     try:
         for line in proc.stdout:
