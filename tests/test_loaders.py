@@ -128,12 +128,15 @@ def test_ranks_get_equal_steps_and_val_sees_every_sample_once(shards, backend, w
         assert len(seen) == NUM_CLASSES
 
 
-@pytest.mark.parametrize("backend", ["torch"])
-def test_a_train_epoch_visits_no_sample_twice(shards, backend):
-    # The torch backend's epoch is a permutation of (all but < world_size x batch) samples.
+@pytest.mark.parametrize("backend", REAL)
+@pytest.mark.parametrize("buffer", [16, 1024])  # smaller and larger than a rank's 86 samples
+def test_a_train_epoch_visits_no_sample_twice(shards, backend, buffer):
+    # An epoch is a permutation of (all but < world_size x batch) samples. DALI's shuffle buffer
+    # draws only from the current pass over the rank's share, so its epochs are exact too.
     world_size, labels = 3, []
     for rank in range(world_size):
-        labels += epoch(config(shards, backend), "train", rank=rank, world_size=world_size)[1]
+        cfg = config(shards, backend, shuffle_buffer=buffer)
+        labels += epoch(cfg, "train", rank=rank, world_size=world_size, at=1)[1]
     labels = torch.cat(labels).tolist()
     counts = Counter(labels)
     assert max(counts.values()) <= TRAIN_PER_CLASS

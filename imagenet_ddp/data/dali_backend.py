@@ -3,23 +3,18 @@
     build_loader(DataConfig(backend="dali", workers=8), "train", rank=rank, world_size=world_size,
                  device=torch.device("cuda", local_rank), seed=seed)
 
-On a CUDA device the JPEGs are decoded by nvJPEG (`device="mixed"`) and resized on the GPU. On a
-CPU device DALI runs on `workers` CPU threads (`device_id=None`): it reads, decodes only the random
-crop's region and flips; torchvision then resizes the crops (see _resize_crops for why).
+On a CUDA device the JPEGs are decoded by nvJPEG (`device="mixed"`), flipped and resized on the
+GPU. On a CPU device DALI runs on `workers` CPU threads (`device_id=None`): it reads and decodes
+only the random crop's region; torch then resizes, flips and normalizes (see _resize_crops).
 
 Ranks are DALI shards (`shard_id=rank, num_shards=world_size`, the GLOBAL rank): DALI splits the
 samples, not the files, so any file count serves any world size (see plan.py).
 
-Epoch order: DALI's shuffle buffer carries samples across epoch boundaries and its shard
-rotation follows its own epoch counter, so neither can be made a function of (seed, epoch).
-Instead each pass builds a new pipeline: the file order is the epoch's permutation (the one the
-torch backend uses), the pipeline seed is derived from (seed, epoch, rank), and the pass stops
-after exactly len(loader) batches. Building costs well under a second per epoch.
-
-A DALI train epoch is not an exact permutation: the shuffle buffer (`shuffle_buffer` samples)
-looks past the end of the rank's share and wraps to its start, so up to about that many samples
-of the share are repeated and as many skipped in an epoch (under 1% of an 8-rank ImageNet share
-with the default 1024). Validation reads in order without a buffer and is exact.
+Epoch order: each pass builds a new pipeline whose file order is the epoch's permutation (the one
+the torch backend uses) and whose seed is derived from (seed, epoch, rank); the pass stops after
+exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer` samples) draws only from the
+current pass over the rank's share, so a train epoch is a permutation of all but the share's
+last few samples, as with the torch backend. Building costs well under a second per epoch.
 """
 
 from __future__ import annotations
@@ -40,6 +35,7 @@ from imagenet_ddp.data.presets import (
     CROP_ASPECT,
     PAD_LABEL,
     eval_resize_size,
+    normalize_into,
     one_thread,
     parse_ascii_labels,
     to_model_input,
@@ -84,9 +80,9 @@ def _pipeline(
             random_aspect_ratio=list(CROP_ASPECT),
             num_attempts=10,
         )
-        # Flipping the crop before resizing it is the same as after, and cheaper.
-        images = fn.flip(images, horizontal=fn.random.coin_flip())
         if not crop_only:
+            # Flipping the crop before resizing it is the same as after, and cheaper.
+            images = fn.flip(images, horizontal=fn.random.coin_flip())
             images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
     else:
         # The output size is computed here rather than with resize_shorter, whose scale keeps the
@@ -116,7 +112,7 @@ class DaliLoader(Loader):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.sizes = [s.num_samples for s in shards.shards]
         self.image_size = cfg.image_size if train else cfg.eval_size
-        self.crop_only = train and device.type != "cuda"  # DALI crops, torchvision resizes
+        self.crop_only = train and device.type != "cuda"  # DALI crops, torch flips and resizes
 
     def _order(self) -> list[int]:
         if not self.train:
@@ -164,13 +160,19 @@ class DaliLoader(Loader):
 
     def _to_torch(self, images, labels, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.image_size
-        out = torch.empty((self.batch_size, s, s, 3), dtype=torch.uint8, device=self.device)
         if self.crop_only:
+            memory = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+            x = torch.empty((self.batch_size, 3, s, s), memory_format=memory)
+            # The flips are a function of (seed, epoch, rank, step), as DALI's own would be.
+            flips = torch.Generator().manual_seed(plan.derive_seed(self.seed, self.epoch, self.rank, step))
             with one_thread(self.device):
-                _resize_crops(images, out)
+                _resize_crops(images, torch.rand(self.batch_size, generator=flips) < 0.5, x)
         else:
+            out = torch.empty((self.batch_size, s, s, 3), dtype=torch.uint8, device=self.device)
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
             feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+            # NHWC memory seen as NCHW is channels_last already: no copy when that is what is asked.
+            x = to_model_input(out.permute(0, 3, 1, 2), self.device, self.cfg.channels_last)
         try:
             y = parse_ascii_labels(torch.from_numpy(np.array(labels.as_tensor())))
         except ValueError as e:
@@ -181,9 +183,7 @@ class DaliLoader(Loader):
             # The reader continues past this rank's samples to fill the last batch: mark those.
             valid = plan.eval_valid_count(self.num_samples, self.rank, self.world_size, self.batch_size, step)
             y[valid:] = PAD_LABEL
-        # NHWC memory seen as NCHW is channels_last already: no copy when that is what is asked.
-        images = to_model_input(out.permute(0, 3, 1, 2), self.device, self.cfg.channels_last)
-        return images, y.to(self.device, non_blocking=True)
+        return x, y.to(self.device, non_blocking=True)
 
     def _padding_only(self):
         s = self.image_size
@@ -214,18 +214,20 @@ class DaliLoader(Loader):
         )
 
 
-def _resize_crops(crops, out: torch.Tensor) -> None:
-    """Resize DALI's variable-size HWC crops into `out` [B,S,S,3] with torchvision.
+def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:
+    """Resize DALI's variable-size HWC crops, flip them where `flips`, normalize into `out` [B,3,S,S].
 
-    On CPU, DALI's resize costs more than decoding the crop (about 1.0 vs 0.8 ms per 224 px train
-    image on this project's 2-core test machine); torchvision's uint8 antialiased resize of the
-    same crop takes 0.2 ms and is the one the torch backend uses. It runs here, in the calling
-    thread, while DALI's threads decode the next batch.
+    CPU ms per 224 px train image on this project's 2-core test machine: DALI decodes the crop in
+    0.8, but its resize costs 1.0 and its flip of the crop 0.1. Here, torchvision's uint8
+    antialiased resize (the torch backend's) takes 0.2, flipping the small result 0.01, and
+    normalizing it while it is in cache 0.05 (against 0.25 for the whole batch afterwards). This
+    runs in the calling thread while DALI's threads decode the next batch.
     """
-    size = list(out.shape[1:3])
+    size = list(out.shape[2:])
     for i in range(out.shape[0]):
         crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)  # a view of DALI's buffer
-        out[i].copy_(F.resize(crop, size, antialias=True).permute(1, 2, 0))
+        image = F.resize(crop, size, antialias=True)
+        normalize_into(F.horizontal_flip(image) if flips[i] else image, out[i])
 
 
 def _cuda_index(device: torch.device) -> int:
