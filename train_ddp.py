@@ -64,6 +64,7 @@ def train(cfg, env, stop) -> int:
         state.load_state_dict(ckpt)
         if len(ckpt["ranks"]) == env.world_size:
             state.load_rank_state(ckpt["ranks"][env.rank])
+            train_loader.load_state_dict(ckpt["ranks"][env.rank].get("loader") or {})
         else:  # another world size splits the data differently: the interrupted epoch starts over
             state.batch_in_epoch = 0
     tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None)
@@ -93,9 +94,10 @@ def train(cfg, env, stop) -> int:
     unsaved: list[str] = []  # why the newest save failed, until one succeeds (rank 0 only)
 
     def save(is_best: bool = False) -> None:
-        # Every rank's RNG state, so a resumed rank continues its own stream, and every rank's weights
-        # digest: replicas that drifted apart would be a silent bug, so it is checked here.
-        per_rank = all_gather_object((state.rank_state(), ck.weights_digest(state.model)))
+        # Every rank's RNG state and loader position, so a resumed rank continues its own streams,
+        # and every rank's weights digest: replicas that drifted apart would be a silent bug.
+        mine = {**state.rank_state(), "loader": train_loader.state_dict()}
+        per_rank = all_gather_object((mine, ck.weights_digest(state.model)))
         digests = [digest for _, digest in per_rank]
         if len(set(digests)) > 1:
             tracker.info(f"warning: weights differ between ranks at step {state.step}: {digests}")
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from imagenet_ddp.dist import StopSignal, distributed, lost_peer
+        from imagenet_ddp.dist import StopSignal, distributed, lost_peer, silent_ranks
 
         stop = StopSignal().install()  # before any worker process or thread starts
         stop.received = early[0] if early else None
@@ -187,6 +189,9 @@ def main(argv=None) -> int:
                     message = lost_peer(e, cfg.run.timeout_s) if env.world_size > 1 else None
                     if message is None:
                         raise
+                    # Name the lost rank: the ones that do not report the failure too.
+                    silent = silent_ranks(env.rank, env.world_size, min(cfg.run.timeout_s, 10))
+                    message = lost_peer(e, cfg.run.timeout_s, silent)
                     print(f"{prefix} {message}", file=sys.stderr, flush=True)
                     return 1
         finally:

@@ -21,7 +21,8 @@ weights_only=True)` reads it and predict.py needs nothing else:
                     batches of it consumed (0 at an epoch boundary)
     optimizer, scaler, best_val_top1, nonfinite_streak, wandb_run_id, world_size
     config          the resolved config (a dict: config_from_dict(ckpt["config"]) rebuilds it)
-    ranks           per rank: {"rng": RNG states, "epoch_totals": [loss sum, correct, samples]}
+    ranks           per rank: {"rng": RNG states, "epoch_totals": [loss sum, correct, samples],
+                    "loader": the train loader's state_dict (DALI: its reader checkpoint, ~500 bytes)}
     weights_sha256  per rank: sha256 of the parameters (all equal: the replicas agree)
 """
 

@@ -106,16 +106,45 @@ def setup(timeout_s: float = 900) -> DistEnv:
             cores = len(os.sched_getaffinity(0))
             torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1:
+        global _store
         timeout = datetime.timedelta(seconds=timeout_s)
+        _store = _elastic_store(world_size, timeout)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            store=_elastic_store(world_size, timeout),
+            store=_store,
             rank=rank,
             world_size=world_size,
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
+        if _store is None:  # the store init_process_group made (hosted by rank 0)
+            _store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
     return DistEnv(rank, local_rank, world_size, local_world, device)
+
+
+_store = None  # the group's key-value store (torchrun's agent serves it), for silent_ranks
+
+
+def silent_ranks(rank: int, world_size: int, wait_s: float) -> list[int] | None:
+    """After a collective failed here: the ranks that do not report a failure within `wait_s`.
+
+    Every rank that sees a collective fail reports it in the store, then waits for the others'
+    reports: the live ranks' collectives fail too (at once when a peer died, after the timeout when
+    it hangs), so the ranks still silent at the end are the dead or hung ones. None when the store
+    cannot be reached (its host is the lost process)."""
+    if _store is None:
+        return None
+    keys = [f"imagenet-ddp/collective-failed/{r}" for r in range(world_size)]
+    try:
+        _store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1)))
+        _store.set(keys[rank], b"1")
+        try:
+            _store.wait(keys, datetime.timedelta(seconds=wait_s))
+            return []
+        except (dist.DistStoreError, RuntimeError):  # some never reported
+            return [r for r, key in enumerate(keys) if not _store.check([key])]
+    except (dist.DistError, RuntimeError, OSError):
+        return None
 
 
 def teardown() -> None:
@@ -181,15 +210,24 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 _PEER_LOST = ("timed out", "timeout", "pair closure", "connection reset", "connection closed", "broken pipe")
 
 
-def lost_peer(error: BaseException, timeout_s: float) -> str | None:
+def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None = None) -> str | None:
     """One line for the user when `error` is a collective that timed out or lost its peer (another rank
-    died or hangs: not this rank's fault, and a traceback through DDP's internals would not help)."""
+    died or hangs: not this rank's fault, and a traceback through DDP's internals would not help).
+    `silent`: the ranks that did not report the failure (silent_ranks), when known."""
     text = str(error).strip()
     if not isinstance(error, dist.DistError) and not (
         isinstance(error, RuntimeError) and any(w in text.lower() for w in _PEER_LOST)
     ):
         return None
     reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    if silent:
+        which = ", ".join(map(str, silent))
+        return (
+            f"rank{'s' if len(silent) > 1 else ''} {which} died or stopped answering: a collective failed "
+            f"or ran past run.timeout_s={timeout_s} s ({reason})"
+        )
+    if silent == []:
+        return f"a collective failed on every rank, none of them lost ({reason}); check the network between nodes"
     return (
         f"another rank died or did not answer a collective within run.timeout_s={timeout_s} s ({reason}); "
         "the launcher's summary names the rank it lost"

@@ -236,11 +236,12 @@ def train_one_epoch(
     state.model.train()
     steps = len(loader) // accum
     # Stopped after the epoch's last step (before validation): nothing to read. Stopped mid-epoch:
-    # the loader replays the epoch's order, and the batches already trained on are skipped.
+    # the loader continues the epoch's order after the batches already trained on.
     remaining = state.batch_in_epoch // accum < steps
-    batches = iter(loader) if remaining else iter(())
-    for _ in range(state.batch_in_epoch if remaining else 0):
-        next(batches)
+    batches = loader.iter_from(state.batch_in_epoch) if remaining else iter(())
+    if remaining and state.batch_in_epoch:
+        how = "from the loader's saved state" if loader.restored else "replaying the batches before it"
+        tracker.info(f"epoch {state.epoch + 1}: continuing at batch {state.batch_in_epoch}, {how}")
     tracker.start_epoch(state.epoch, steps, done=state.batch_in_epoch // accum)
     if state.batch_in_epoch == 0 or state.epoch_totals is None:
         state.epoch_totals = torch.zeros(3, device=state.device)

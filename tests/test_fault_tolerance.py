@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from imagenet_ddp.checkpoint import load
+from imagenet_ddp.data.shardset import open_split, read_index
 from tests.test_train import make_tiny_shards, small_run
 from tests.test_train_ddp import REPO, environment, metrics, start
 
@@ -228,33 +230,59 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(s
     os.kill(hung, signal.SIGSTOP)  # alive but silent, as a rank stuck in a driver or on a dead disk
     stopped_at = time.time()
     log = finish(proc, timeout=120)
-    # 5 s for the collective to time out on rank 0, then up to 30 s for torchrun to give up on the
-    # SIGTERM it sends the stopped rank before it SIGKILLs it.
+    # 5 s for the collective to time out on rank 0, 5 s waiting for the other ranks to report, then
+    # up to 30 s for torchrun to give up on the SIGTERM it sends the stopped rank before it SIGKILLs it.
     assert proc.returncode != 0 and time.time() - stopped_at < 60
-    assert "train_ddp.py: error on rank 0: another rank died or did not answer a collective within " in log
+    assert "train_ddp.py: error on rank 0: rank 1 died or stopped answering: a collective failed " in log
     assert "run.timeout_s=5 s" in log
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", log), "torchrun names the lost rank"
     assert load(out / "last.pt")["step"] >= 4  # what was saved before is kept
 
 
+def test_a_rank_that_dies_during_validation_ends_the_job_at_once_naming_it(shards, tmp_path):
+    """Rank 1 fails on a val image only it reads (its JPEG damaged after packing, size unchanged):
+    it exits with its error while rank 0 waits in validation's all-reduce; the job must end at once,
+    not after the collective timeout, and both rank 1's error and rank 0's account name rank 1."""
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    val = open_split(damaged, "val")
+    last = val.shards[-1]
+    at = int(read_index(last).jpg[-1][0])  # the split's last sample: rank 1's half of the val split
+    with open(last.path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\0\0\0\0")  # no JPEG start marker any more
+    args = small_run(damaged, tmp_path / "run", "train.epochs=1", "run.timeout_s=300")
+    began = time.time()
+    proc = start(torchrun(*args), environment(tmp_path))
+    log = finish(proc, timeout=200)
+    assert proc.returncode != 0
+    assert time.time() - began < 150  # well under run.timeout_s: nothing waited for the timeout
+    assert "train_ddp.py: error on rank 1: " in log and "cannot decode its JPEG" in log
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: 2", log), "torchrun names the failed rank"
+    assert "train_ddp.py: error on rank 0: rank 1 died or stopped answering" in log
+
+
 def test_a_dali_run_resumed_mid_epoch_ends_with_the_same_weights_as_an_uninterrupted_one(shards, tmp_path):
-    """The DALI loader replays the epoch from (seed, epoch) and the engine skips the batches already
-    trained on: the resumed run sees exactly the samples and crops the uninterrupted one saw after step 5."""
+    """Two ranks; the resumed run restores each rank's DALI reader checkpoint (saved in last.pt) and
+    continues the epoch at batch 5 without reading the first 5 again: it sees exactly the samples
+    and crops the uninterrupted one saw after step 5 (the loader tests check none is seen twice)."""
     pytest.importorskip("nvidia.dali")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    same = ("data.backend=dali", "data.workers=2", "train.epochs=2", "train.deterministic=true")
+    same = ("data.backend=dali", "data.workers=1", "train.epochs=2", "train.deterministic=true")
     same += ("run.checkpoint_every=5", "run.keep_last=10")
     env = environment(tmp_path)
 
-    def train(run_dir: Path) -> None:
-        cmd = [sys.executable, "train_ddp.py", *small_run(shards, run_dir, *same)]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
-        print(done.stdout[-2000:], done.stderr[-2000:])
-        assert done.returncode == 0
+    def train(run_dir: Path) -> str:
+        proc = start(torchrun(*small_run(shards, run_dir, *same)), env)
+        log = finish(proc)
+        assert proc.returncode == 0, log
+        return log
 
     train(whole)
     resumed.mkdir()
     (resumed / "last.pt").write_bytes((whole / "step-00000005.pt").read_bytes())  # as if killed at step 5
-    assert load(resumed / "last.pt")["batch_in_epoch"] == 5
-    train(resumed)
+    saved = load(resumed / "last.pt")
+    assert saved["batch_in_epoch"] == 5
+    assert [r["loader"]["batch"] for r in saved["ranks"]] == [5, 5]
+    assert "epoch 1: continuing at batch 5, from the loader's saved state" in train(resumed)
     assert_same_weights(load(whole / "last.pt"), load(resumed / "last.pt"))

@@ -7,6 +7,7 @@ Shard sizes are uneven (48 samples per shard plus a remainder) so ranks get uneq
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import shutil
@@ -162,6 +163,76 @@ def test_epoch_order_is_a_function_of_seed_and_epoch(shards, backend):
     other_epoch = torch.cat(epoch(cfg, "train", seed=7, at=2)[1])
     other_seed = torch.cat(epoch(cfg, "train", seed=8, at=1)[1])
     assert not torch.equal(other_epoch, torch.cat(labels)) and not torch.equal(other_seed, torch.cat(labels))
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """A loader state as a resumed run gets it: through torch.save and torch.load(weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def first_batches(cfg, count: int, **where) -> tuple[list[torch.Tensor], dict]:
+    """The labels of an epoch-1 pass interrupted after `count` batches, and the loader's state then."""
+    with build_loader(cfg, "train", **where) as loader:
+        loader.set_epoch(1)
+        batches = iter(loader)
+        labels = [next(batches)[1].clone() for _ in range(count)]
+        return labels, saved_and_loaded(loader.state_dict())
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("start", [1, 6])
+def test_a_pass_resumed_mid_epoch_continues_where_it_stopped(shards, backend, start):
+    where = dict(rank=1, world_size=2, seed=3)
+    cfg = config(shards, backend, shuffle_buffer=16)
+    images, labels = epoch(cfg, "train", at=1, **where)
+    before, saved = first_batches(cfg, start, **where)
+    with build_loader(cfg, "train", **where) as loader:
+        loader.set_epoch(1)
+        loader.load_state_dict(saved)
+        rest = [(x.clone(), y.clone()) for x, y in loader.iter_from(start)]
+        if backend == "dali":
+            assert saved["batch"] == start and len(saved["dali"]) < 4096
+            assert loader.restored  # from DALI's reader checkpoint: the first batches were not read again
+    assert len(rest) == len(labels) - start
+    assert all(torch.equal(a, b) for a, b in zip(before, labels[:start], strict=True))
+    assert all(torch.equal(y, y2) for y, (_, y2) in zip(labels[start:], rest, strict=True))
+    assert all(torch.equal(x, x2) for x, (x2, _) in zip(images[start:], rest, strict=True))
+    if backend != "synthetic":  # nothing of the epoch skipped or seen twice across the interruption
+        counts = Counter(torch.cat(before + [y for _, y in rest]).tolist())
+        assert max(counts.values()) <= TRAIN_PER_CLASS and sum(counts.values()) == len(labels) * BATCH
+
+
+def test_the_torch_backend_resumes_without_decoding_the_batches_before(shards, monkeypatch):
+    from imagenet_ddp.data import torch_backend
+
+    decoded = []
+    decode = torch_backend._decode
+    monkeypatch.setattr(torch_backend, "_decode", lambda sample: decoded.append(1) or decode(sample))
+    with build_loader(config(shards, "torch", workers=0), "train") as loader:  # in this process
+        rest = list(loader.iter_from(5))
+    assert len(rest) == loader.steps - 5 and len(decoded) == len(rest) * BATCH
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.parametrize(
+    "change",
+    [{"shuffle_buffer": 32}, {"epoch": 2}, {"batch": 3}],
+    ids=["other-pipeline", "other-epoch", "other-batch"],
+)
+def test_dali_state_from_another_pass_is_not_restored_but_replayed(shards, change):
+    where = dict(rank=0, world_size=2, seed=3)
+    _, saved = first_batches(config(shards, "dali", shuffle_buffer=16), 2, **where)
+    cfg = config(shards, "dali", shuffle_buffer=change.get("shuffle_buffer", 16))
+    labels = epoch(cfg, "train", at=1, **where)[1]
+    with build_loader(cfg, "train", **where) as loader:
+        loader.set_epoch(1)
+        loader.load_state_dict({**saved, **{k: v for k, v in change.items() if k in saved}})
+        rest = [y.clone() for _, y in loader.iter_from(2)]
+        assert not loader.restored
+    assert all(torch.equal(a, b) for a, b in zip(labels[2:], rest, strict=True))
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")

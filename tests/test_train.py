@@ -107,6 +107,10 @@ class Batches:
     def __iter__(self):
         return iter(self.batches)
 
+    def iter_from(self, batch):
+        self.restored = False
+        return iter(self.batches[batch:])
+
 
 class NoStop:
     def requested(self, device) -> bool:

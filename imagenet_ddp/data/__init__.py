@@ -20,7 +20,11 @@ Every backend's loader:
   ranks. Batches keep their size; padding samples carry label PAD_LABEL (-100, cross_entropy's
   ignore_index; any negative label works as the test): count real samples as
   (labels >= 0).sum(), and sum that over ranks;
-- close() (or `with`): releases worker processes / DALI pipelines.
+- close() (or `with`): releases worker processes / DALI pipelines;
+- iter_from(k): the epoch's batches from number k on, for a run resumed mid-epoch: the same
+  batches as the uninterrupted pass. state_dict() taken after k batches and given back to
+  load_state_dict() lets a backend start there without re-reading the first k (DALI restores
+  its reader's checkpoint); otherwise the pass replays them (the torch backend without decoding).
 
 Ranks split a split's samples, not its files (plan.py), with GLOBAL ranks: any number of shard
 files serves any world size, with equal steps; fewer files than ranks x readers only warns.

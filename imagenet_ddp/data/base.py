@@ -31,6 +31,7 @@ class Loader:
         self.split, self.train, self.batch_size, self.steps = split, train, batch_size, steps
         self.num_samples, self.classes, self.class_names = num_samples, classes, class_names
         self.epoch = 0
+        self.restored = False  # whether the last iter_from starts from a loaded state, not a replay
         self._running: Iterator | None = None
 
     @property
@@ -48,6 +49,24 @@ class Loader:
         self.close()
         self._running = self._batches()
         return self._running
+
+    def iter_from(self, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The current epoch's batches from number `batch` on (a run resumed mid-epoch).
+
+        Without a state from load_state_dict for this point, the pass replays the batches before
+        `batch`: the same data as the interrupted run, at the cost of reading them again."""
+        self.restored = False
+        batches = iter(self)
+        for _ in range(batch):
+            next(batches)
+        return batches
+
+    def state_dict(self) -> dict:
+        """This rank's position in the running pass, for iter_from after a restart ({} if none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A state_dict saved by the same rank of an identically configured run."""
 
     def close(self) -> None:
         """End the current pass, if any, releasing worker processes or DALI pipelines at once."""

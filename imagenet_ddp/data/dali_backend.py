@@ -19,6 +19,9 @@ last few samples, as with the torch backend. Building costs well under a second 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
@@ -113,16 +116,19 @@ class DaliLoader(Loader):
         self.sizes = [s.num_samples for s in shards.shards]
         self.image_size = cfg.image_size if train else cfg.eval_size
         self.crop_only = train and device.type != "cuda"  # DALI crops, torch flips and resizes
+        self._pipe, self._pipe_key, self._done, self._saved = None, "", 0, None
 
     def _order(self) -> list[int]:
         if not self.train:
             return list(range(len(self.sizes)))
         return plan.epoch_layout(len(self.sizes), self.num_samples, self.seed, self.epoch)[0]
 
-    def _build(self, order: list[int]):
+    def _pipeline_args(self, order: list[int]) -> tuple[dict, str]:
+        """The pass's pipeline arguments, and their digest: DALI restores a checkpoint into a pipeline
+        of other arguments without a word (and then yields other samples), so the digest guards it."""
         cuda = self.device.type == "cuda"
         files = [self.shards.shards[i] for i in order]
-        pipe = _pipeline(
+        args = dict(
             paths=[str(s.path) for s in files],
             index_paths=[str(s.index_path) for s in files],
             rank=self.rank,
@@ -139,23 +145,53 @@ class DaliLoader(Loader):
             device_id=_cuda_index(self.device) if cuda else None,
             seed=plan.derive_seed(self.seed, self.epoch, self.rank),
             prefetch_queue_depth=2,
+            enable_checkpointing=self.train,
         )
-        pipe.build()
-        return pipe
+        return args, hashlib.sha256(repr(sorted(args.items())).encode()).hexdigest()
 
-    def _batches(self):
+    def iter_from(self, batch: int):
+        saved, self._saved = self._saved, None
+        self.close()
+        key = self._pipeline_args(self._order())[1]
+        if saved and (saved.get("epoch"), saved.get("batch"), saved.get("key")) == (self.epoch, batch, key):
+            self.restored = True
+            self._running = self._batches(batch, saved["dali"])
+        else:
+            self._running = self._batches(batch)
+        return self._running
+
+    def state_dict(self) -> dict:
+        if self._pipe is None or not self.train:
+            return {}
+        # The reader's position and the random generators' states after the last batch handed
+        # out (not the ones DALI prefetched): ~500 bytes, whatever the shuffle buffer holds.
+        return {"epoch": self.epoch, "batch": self._done, "key": self._pipe_key, "dali": self._pipe.checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved = dict(state) if state else None
+
+    def _batches(self, start: int = 0, checkpoint: bytes | None = None):
+        self.restored = checkpoint is not None
         order = self._order()
         lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
         if hi == lo:  # more ranks than eval samples: this rank only pads
-            yield from self._padding_only()
+            yield from itertools.islice(self._padding_only(), start, None)
             return
         pipe = None
         try:
-            pipe = self._guarded(lambda: self._build(order), order)
-            for step in range(self.steps):
+            args, self._pipe_key = self._pipeline_args(order)
+            pipe = _pipeline(**args, checkpoint=checkpoint)
+            self._guarded(pipe.build, order)
+            if checkpoint is None:
+                for _ in range(start):  # replay: DALI reads and decodes them again, torch skips its part
+                    self._guarded(pipe.run, order)
+            self._pipe, self._done = pipe, start
+            for step in range(start, self.steps):
                 images, labels = self._guarded(pipe.run, order)
+                self._done = step + 1
                 yield self._to_torch(images, labels, step)
         finally:
+            self._pipe = None
             del pipe  # stops the pipeline's threads now rather than at garbage collection
 
     def _to_torch(self, images, labels, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ plan.py) fixes all three, and it is the split DALI makes, so both backends agree
 
 from __future__ import annotations
 
+import io
 import random
 import re
 import warnings
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -46,6 +48,7 @@ class ShardSamples(IterableDataset):
     def __init__(self, cfg, shards: ShardSplit, *, rank: int, world_size: int, seed: int, train: bool):
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.seed, self.train, self.epoch = seed, train, 0
+        self.skip = 0  # train batches at the start of the epoch to skip (TorchLoader.iter_from)
         self.sizes = [s.num_samples for s in shards.shards]
         self._indexes: dict[int, SampleIndex] = {}
 
@@ -61,8 +64,16 @@ class ShardSamples(IterableDataset):
             pieces = plan.train_pieces(
                 self.sizes, self.seed, self.epoch, self.rank, self.world_size, b, reader, readers
             )
-            for sample in _shuffled(self._read(pieces), self.cfg.shuffle_buffer, rng):
-                yield self._train_image(sample, rng), sample[1]
+            # This reader's batches that come before `skip` (round-robin, as in plan.reader_steps):
+            # their samples are read and their random crops and flips drawn (so what follows is the
+            # uninterrupted pass's), but not decoded; a 1x1 placeholder stands for each image.
+            skipped = len(range(reader, self.skip, readers)) * b
+            for n, sample in enumerate(_shuffled(self._read(pieces), self.cfg.shuffle_buffer, rng)):
+                if n < skipped:
+                    self._draw_crop(sample, rng)
+                    yield self._layout(torch.zeros(3, 1, 1, dtype=torch.uint8)), sample[1]
+                else:
+                    yield self._train_image(sample, rng), sample[1]
             return
         pad = self._layout(torch.zeros(3, self.cfg.eval_size, self.cfg.eval_size, dtype=torch.uint8))
         for pieces in plan.eval_batches(self.sizes, self.rank, self.world_size, b, reader, readers):
@@ -79,6 +90,16 @@ class ShardSamples(IterableDataset):
         size = [self.cfg.image_size] * 2
         image = F.resized_crop(image, top, left, h, w, size, antialias=True)
         return self._layout(F.horizontal_flip(image) if rng.random() < 0.5 else image)
+
+    def _draw_crop(self, sample: Sample, rng: random.Random) -> None:
+        """The random draws of _train_image for `sample`, from its JPEG header alone."""
+        try:
+            with Image.open(io.BytesIO(sample[0])) as image:
+                width, height = image.size
+        except (OSError, SyntaxError):
+            raise UserError(f"{sample[2]}: cannot read its JPEG header") from None
+        random_resized_crop_box(rng, height, width, self.cfg.crop_area_min)
+        rng.random()
 
     def _eval_image(self, sample: Sample) -> torch.Tensor:
         image = _decode(sample)
@@ -163,6 +184,15 @@ class TorchLoader(Loader):
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.dataset.epoch = self.epoch
+
+    def iter_from(self, batch: int):
+        # A replay, but the workers only read the skipped batches' samples and draw their random
+        # crops (from the JPEG header): ~50x cheaper than decoding them; their placeholders are dropped.
+        self.dataset.skip = batch if self.train else 0
+        try:
+            return super().iter_from(batch)  # the workers start (fork) inside, with `skip` set
+        finally:
+            self.dataset.skip = 0
 
     def _batches(self):
         batches = iter(self._loader)
