@@ -61,12 +61,7 @@ def train(cfg, env, stop) -> int:
             raise UserError(
                 f"{found[1]} holds a {ckpt['architecture']} model, not {arch}: choose another run.dir"
             )
-        state.load_state_dict(ckpt)
-        if len(ckpt["ranks"]) == env.world_size:
-            state.load_rank_state(ckpt["ranks"][env.rank])
-            train_loader.load_state_dict(ckpt["ranks"][env.rank].get("loader") or {})
-        else:  # another world size splits the data differently: the interrupted epoch starts over
-            state.batch_in_epoch = 0
+        state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
     tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None)
     tracker.write_config(dump_yaml(cfg))
     d = cfg.derived
@@ -176,7 +171,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        from imagenet_ddp.dist import StopSignal, distributed, lost_peer, silent_ranks
+        from imagenet_ddp.dist import StopSignal, collective_failure, distributed
 
         stop = StopSignal().install()  # before any worker process or thread starts
         stop.received = early[0] if early else None
@@ -186,12 +181,9 @@ def main(argv=None) -> int:
                 try:
                     return train(cfg, env, stop)
                 except Exception as e:
-                    message = lost_peer(e, cfg.run.timeout_s) if env.world_size > 1 else None
+                    message = collective_failure(e, env, cfg.run.timeout_s)
                     if message is None:
                         raise
-                    # Name the lost rank: the ones that do not report the failure too.
-                    silent = silent_ranks(env.rank, env.world_size, min(cfg.run.timeout_s, 10))
-                    message = lost_peer(e, cfg.run.timeout_s, silent)
                     print(f"{prefix} {message}", file=sys.stderr, flush=True)
                     return 1
         finally:

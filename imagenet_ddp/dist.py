@@ -14,6 +14,7 @@ import datetime
 import os
 import signal
 import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,6 +94,9 @@ def _elastic_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"imagenet-ddp/group-{group}/", store)
 
 
+_store = None  # the group's key-value store (torchrun's agent or, without torchrun, rank 0 serves it)
+
+
 def setup(timeout_s: float = 900) -> DistEnv:
     """Init the process group (nccl on CUDA, gloo on CPU) when there is more than one process."""
     rank, local_rank, world_size, local_world = read_env()
@@ -122,27 +126,34 @@ def setup(timeout_s: float = 900) -> DistEnv:
     return DistEnv(rank, local_rank, world_size, local_world, device)
 
 
-_store = None  # the group's key-value store (torchrun's agent serves it), for silent_ranks
-
-
 def silent_ranks(rank: int, world_size: int, wait_s: float) -> list[int] | None:
     """After a collective failed here: the ranks that do not report a failure within `wait_s`.
 
-    Every rank that sees a collective fail reports it in the store, then waits for the others'
-    reports: the live ranks' collectives fail too (at once when a peer died, after the timeout when
-    it hangs), so the ranks still silent at the end are the dead or hung ones. None when the store
-    cannot be reached (its host is the lost process)."""
+    Every rank that sees a collective fail reports it in the store, leaves the process group (gloo:
+    peers blocked on this rank then fail at once rather than at their timeout, and report too) and
+    waits for the others' reports: the ranks still silent at the end are dead or hung. The store's
+    host (rank 0 without torchrun) stays until the others have read the reports. None when the
+    store cannot be reached (its host is the lost process)."""
     if _store is None:
         return None
     keys = [f"imagenet-ddp/collective-failed/{r}" for r in range(world_size)]
+    read = "imagenet-ddp/collective-failed/read"
     try:
         _store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1)))
         _store.set(keys[rank], b"1")
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()  # closes this rank's connections
         try:
             _store.wait(keys, datetime.timedelta(seconds=wait_s))
-            return []
+            silent = []
         except (dist.DistStoreError, RuntimeError):  # some never reported
-            return [r for r, key in enumerate(keys) if not _store.check([key])]
+            silent = [r for r, key in enumerate(keys) if not _store.check([key])]
+        _store.add(read, 1)
+        if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            deadline = time.monotonic() + 5
+            while _store.add(read, 0) < world_size - len(silent) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return silent
     except (dist.DistError, RuntimeError, OSError):
         return None
 
@@ -205,8 +216,9 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer, src=src)
 
 
-# How gloo and nccl word a collective that lost its peer or ran past the timeout: often a plain
-# RuntimeError ("Application timeout caused pair closure", "Connection reset by peer").
+# How a collective that lost its peer or ran past the timeout fails: nccl raises DistBackendError;
+# gloo a plain RuntimeError naming its source file ("gloo/transport/tcp/pair.cc ... Connection closed
+# by peer", "Timed out waiting 5000ms for recv operation").
 _PEER_LOST = ("timed out", "timeout", "pair closure", "connection reset", "connection closed", "broken pipe")
 
 
@@ -215,23 +227,34 @@ def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None =
     died or hangs: not this rank's fault, and a traceback through DDP's internals would not help).
     `silent`: the ranks that did not report the failure (silent_ranks), when known."""
     text = str(error).strip()
-    if not isinstance(error, dist.DistError) and not (
-        isinstance(error, RuntimeError) and any(w in text.lower() for w in _PEER_LOST)
-    ):
+    gloo = isinstance(error, RuntimeError) and "gloo" in text and any(w in text.lower() for w in _PEER_LOST)
+    if not (isinstance(error, dist.DistError) or gloo):
         return None
     reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     if silent:
         which = ", ".join(map(str, silent))
+        many = len(silent) > 1
         return (
-            f"rank{'s' if len(silent) > 1 else ''} {which} died or stopped answering: a collective failed "
-            f"or ran past run.timeout_s={timeout_s} s ({reason})"
+            f"rank{'s' if many else ''} {which} died or hung: {'they' if many else 'it'} did not report "
+            f"the failed collective as the other ranks did (run.timeout_s={timeout_s} s; {reason})"
         )
     if silent == []:
-        return f"a collective failed on every rank, none of them lost ({reason}); check the network between nodes"
+        return (
+            f"a collective failed on every rank and none is missing ({reason}): the network between "
+            "nodes failed, or ranks called different collectives"
+        )
     return (
         f"another rank died or did not answer a collective within run.timeout_s={timeout_s} s ({reason}); "
         "the launcher's summary names the rank it lost"
     )
+
+
+def collective_failure(error: BaseException, env: DistEnv, timeout_s: float) -> str | None:
+    """The one line to print when `error` is a failed collective (naming the ranks that did not
+    report it, see silent_ranks), else None."""
+    if env.world_size == 1 or lost_peer(error, timeout_s) is None:
+        return None
+    return lost_peer(error, timeout_s, silent_ranks(env.rank, env.world_size, min(timeout_s, 10)))
 
 
 def barrier() -> None:

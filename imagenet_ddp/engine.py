@@ -105,6 +105,16 @@ class TrainState:
         for k in _COUNTERS:
             setattr(self, k, ckpt[k])
 
+    def load_checkpoint(self, ckpt: dict, rank: int, world_size: int, train_loader) -> None:
+        """Everything a resumed rank needs from `ckpt`: the shared state, and this rank's RNG streams,
+        epoch totals and train loader position when it was saved by as many ranks."""
+        self.load_state_dict(ckpt)
+        if len(ckpt["ranks"]) != world_size:  # the data is split otherwise: the epoch starts over
+            self.batch_in_epoch = 0
+            return
+        self.load_rank_state(ckpt["ranks"][rank])
+        train_loader.load_state_dict(ckpt["ranks"][rank].get("loader") or {})
+
     def rank_state(self) -> dict:
         """What differs between ranks: RNG streams and the running epoch totals."""
         totals = self.epoch_totals.tolist() if self.epoch_totals is not None else [0.0, 0.0, 0.0]
@@ -278,7 +288,8 @@ def train_one_epoch(
             stopped = True
             break
     seconds = time.perf_counter() - start
-    # Batches beyond the last full accumulation group are left: the next iter(loader) ends this pass.
+    if not stopped:  # the pass is over (batches beyond the last accumulation group are left):
+        loader.close()  # its workers or pipeline go before validation; a stopped pass is saved first
     loss, correct, count = all_reduce_sum(totals.clone()).tolist()
     tracker.end_epoch()
     return {

@@ -111,6 +111,9 @@ class Batches:
         self.restored = False
         return iter(self.batches[batch:])
 
+    def close(self):
+        pass
+
 
 class NoStop:
     def requested(self, device) -> bool:

@@ -13,14 +13,16 @@ samples, not the files, so any file count serves any world size (see plan.py).
 Epoch order: each pass builds a new pipeline whose file order is the epoch's permutation (the one
 the torch backend uses) and whose seed is derived from (seed, epoch, rank); the pass stops after
 exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer` samples) draws only from the
-current pass over the rank's share, so a train epoch is a permutation of all but the share's
-last few samples, as with the torch backend. Building costs well under a second per epoch.
+current pass over the rank's share, so a train epoch is a permutation of the share less the
+few samples still in the buffer at its end, as with the torch backend. Building costs well under
+a second per epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -28,6 +30,7 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import torch
 import torchvision.transforms.v2.functional as F
+from nvidia.dali import __version__ as dali_version
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -147,7 +150,12 @@ class DaliLoader(Loader):
             prefetch_queue_depth=2,
             enable_checkpointing=self.train,
         )
-        return args, hashlib.sha256(repr(sorted(args.items())).encode()).hexdigest()
+        # Not in it: where the shards are (staged to node-local disk by many jobs) and what does not
+        # change the samples or the random draws (threads, device, queue depth).
+        stable = {k: v for k, v in args.items() if k not in _NOT_IN_STATE}
+        stable["shards"] = [(s.path.name, s.num_samples) for s in files]
+        stable["dali"] = dali_version
+        return args, hashlib.sha256(repr(sorted(stable.items())).encode()).hexdigest()
 
     def iter_from(self, batch: int):
         saved, self._saved = self._saved, None
@@ -157,6 +165,7 @@ class DaliLoader(Loader):
             self.restored = True
             self._running = self._batches(batch, saved["dali"])
         else:
+            self.restored = False
             self._running = self._batches(batch)
         return self._running
 
@@ -180,8 +189,14 @@ class DaliLoader(Loader):
         pipe = None
         try:
             args, self._pipe_key = self._pipeline_args(order)
-            pipe = _pipeline(**args, checkpoint=checkpoint)
-            self._guarded(pipe.build, order)
+            try:
+                pipe = _built(args, checkpoint)
+            except RuntimeError as e:
+                if checkpoint is None:
+                    raise self._read_error(e, order) from None
+                warnings.warn(f"DALI could not restore its checkpoint ({_dali_reason(str(e))}): replaying")
+                checkpoint, self.restored = None, False
+                pipe = self._guarded(lambda: _built(args, None), order)
             if checkpoint is None:
                 for _ in range(start):  # replay: DALI reads and decodes them again, torch skips its part
                     self._guarded(pipe.run, order)
@@ -264,6 +279,15 @@ def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:
         crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)  # a view of DALI's buffer
         image = F.resize(crop, size, antialias=True)
         normalize_into(F.horizontal_flip(image) if flips[i] else image, out[i])
+
+
+_NOT_IN_STATE = ("paths", "index_paths", "num_threads", "device_id", "prefetch_queue_depth")
+
+
+def _built(args: dict, checkpoint: bytes | None):
+    pipe = _pipeline(**args, checkpoint=checkpoint)
+    pipe.build()
+    return pipe
 
 
 def _cuda_index(device: torch.device) -> int:
