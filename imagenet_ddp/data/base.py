@@ -47,6 +47,7 @@ class Loader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # One pass at a time: starting a new one ends the previous (its workers, its pipeline).
         self.close()
+        self.restored = False
         self._running = self._batches()
         return self._running
 
@@ -55,7 +56,6 @@ class Loader:
 
         Without a state from load_state_dict for this point, the pass replays the batches before
         `batch`: the same data as the interrupted run, at the cost of reading them again."""
-        self.restored = False
         batches = iter(self)
         for _ in range(batch):
             next(batches)

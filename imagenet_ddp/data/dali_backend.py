@@ -119,7 +119,7 @@ class DaliLoader(Loader):
         self.sizes = [s.num_samples for s in shards.shards]
         self.image_size = cfg.image_size if train else cfg.eval_size
         self.crop_only = train and device.type != "cuda"  # DALI crops, torch flips and resizes
-        self._pipe, self._pipe_key, self._done, self._saved = None, "", 0, None
+        self._pipe, self._done, self._saved = None, 0, None
 
     def _order(self) -> list[int]:
         if not self.train:
@@ -161,12 +161,9 @@ class DaliLoader(Loader):
         saved, self._saved = self._saved, None
         self.close()
         key = self._pipeline_args(self._order())[1]
-        if saved and (saved.get("epoch"), saved.get("batch"), saved.get("key")) == (self.epoch, batch, key):
-            self.restored = True
-            self._running = self._batches(batch, saved["dali"])
-        else:
-            self.restored = False
-            self._running = self._batches(batch)
+        where = (saved.get("epoch"), saved.get("batch"), saved.get("key")) if saved else None
+        self.restored = where == (self.epoch, batch, key)
+        self._running = self._batches(batch, saved["dali"] if self.restored else None)
         return self._running
 
     def state_dict(self) -> dict:
@@ -174,13 +171,13 @@ class DaliLoader(Loader):
             return {}
         # The reader's position and the random generators' states after the last batch handed
         # out (not the ones DALI prefetched): ~500 bytes, whatever the shuffle buffer holds.
-        return {"epoch": self.epoch, "batch": self._done, "key": self._pipe_key, "dali": self._pipe.checkpoint()}
+        key = self._pipeline_args(self._order())[1]
+        return {"epoch": self.epoch, "batch": self._done, "key": key, "dali": self._pipe.checkpoint()}
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = dict(state) if state else None
 
     def _batches(self, start: int = 0, checkpoint: bytes | None = None):
-        self.restored = checkpoint is not None
         order = self._order()
         lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
         if hi == lo:  # more ranks than eval samples: this rank only pads
@@ -188,7 +185,7 @@ class DaliLoader(Loader):
             return
         pipe = None
         try:
-            args, self._pipe_key = self._pipeline_args(order)
+            args = self._pipeline_args(order)[0]
             try:
                 pipe = _built(args, checkpoint)
             except RuntimeError as e:

@@ -84,12 +84,16 @@ class ShardSamples(IterableDataset):
             for _ in range(b - count):
                 yield pad, PAD_LABEL
 
+    def _draws(self, rng: random.Random, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """A train image's random crop box (top, left, h, w) and flip, in the order they are drawn."""
+        return random_resized_crop_box(rng, height, width, self.cfg.crop_area_min), rng.random() < 0.5
+
     def _train_image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
         image = _decode(sample)
-        top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], self.cfg.crop_area_min)
+        (top, left, h, w), flip = self._draws(rng, image.shape[1], image.shape[2])
         size = [self.cfg.image_size] * 2
         image = F.resized_crop(image, top, left, h, w, size, antialias=True)
-        return self._layout(F.horizontal_flip(image) if rng.random() < 0.5 else image)
+        return self._layout(F.horizontal_flip(image) if flip else image)
 
     def _draw_crop(self, sample: Sample, rng: random.Random) -> None:
         """The random draws of _train_image for `sample`, from its JPEG header alone."""
@@ -98,8 +102,7 @@ class ShardSamples(IterableDataset):
                 width, height = image.size
         except (OSError, SyntaxError):
             raise UserError(f"{sample[2]}: cannot read its JPEG header") from None
-        random_resized_crop_box(rng, height, width, self.cfg.crop_area_min)
-        rng.random()
+        self._draws(rng, height, width)
 
     def _eval_image(self, sample: Sample) -> torch.Tensor:
         image = _decode(sample)
@@ -188,7 +191,7 @@ class TorchLoader(Loader):
     def iter_from(self, batch: int):
         # A replay, but the workers only read the skipped batches' samples and draw their random
         # crops (from the JPEG header): ~50x cheaper than decoding them; their placeholders are dropped.
-        self.dataset.skip = batch if self.train else 0
+        self.dataset.skip = batch  # (eval passes do not read it)
         try:
             return super().iter_from(batch)  # the workers start (fork) inside, with `skip` set
         finally:
