@@ -80,11 +80,11 @@ def folder(tmp_path_factory):
     return fixtures.make_folder(tmp_path_factory.mktemp("folder"))
 
 
-def test_make_shards_job_packs_splits_that_verify(slurm, folder, tmp_path):
-    out, log = tmp_path / "shards", tmp_path / "make_shards-%j.out"
-    job, done = slurm.sbatch(
+def submit_make_shards(slurm, folder, out: Path, log: Path, *options: str):
+    """sbatch --wait slurm/make_shards.sbatch folder --src FOLDER --out OUT: (job id, finished sbatch)."""
+    return slurm.sbatch(
         "--wait",
-        "--cpus-per-task=2",
+        *options,
         "--mem-per-cpu=1G",
         f"--output={log}",
         MAKE_SHARDS,
@@ -96,6 +96,11 @@ def test_make_shards_job_packs_splits_that_verify(slurm, folder, tmp_path):
         env=job_env(),
         cwd=ROOT,
     )
+
+
+def test_make_shards_job_packs_splits_that_verify(slurm, folder, tmp_path):
+    out, log = tmp_path / "shards", tmp_path / "make_shards-%j.out"
+    job, done = submit_make_shards(slurm, folder, out, log, "--cpus-per-task=2")
     text = job_log(Path(str(log).replace("%j", job)))
     assert done.returncode == 0, text
     assert "--workers 2" in text  # one worker per allocated CPU
@@ -108,21 +113,7 @@ def test_make_shards_job_packs_splits_that_verify(slurm, folder, tmp_path):
 
 def test_make_shards_array_packs_one_split_per_task(slurm, folder, tmp_path):
     out, log = tmp_path / "shards", tmp_path / "make_shards-%A_%a.out"
-    job, done = slurm.sbatch(
-        "--wait",
-        "--array=0-1",
-        "--cpus-per-task=1",
-        "--mem-per-cpu=1G",
-        f"--output={log}",
-        MAKE_SHARDS,
-        "folder",
-        "--src",
-        str(folder.src),
-        "--out",
-        str(out),
-        env=job_env(),
-        cwd=ROOT,
-    )
+    job, done = submit_make_shards(slurm, folder, out, log, "--array=0-1", "--cpus-per-task=1")
     logs = [job_log(Path(str(log).replace("%A", job).replace("%a", str(i)))) for i in (0, 1)]
     assert done.returncode == 0, "\n".join(logs)
     assert "--splits train" in logs[0] and "--splits val" in logs[1]
