@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="--serve address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="--serve port (0: any free one)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="--serve: largest accepted upload")
+    p.add_argument("--max-megapixels", type=float, default=50.0, help="--serve: largest accepted image")
+    p.add_argument("--max-concurrent", type=int, default=4, help="--serve: images decoded at once")
     args = p.parse_args(argv)
     modes = bool(args.images) + bool(args.evaluate) + args.serve
     if modes != 1:
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
                 lang=args.lang,
                 topk=args.topk,
                 max_upload_bytes=max_bytes,
+                max_pixels=int(args.max_megapixels * 1e6),
+                max_concurrent=args.max_concurrent,
             )
             return 0
         return classify(clf, args)

@@ -60,8 +60,9 @@ class Prediction:
     top: list[tuple[ClassInfo, float]]  # (class, probability), most probable first
 
 
-def load_image(data: bytes) -> Image.Image:
-    """`data` decoded to an upright RGB image (EXIF orientation applied, alpha on white), or ImageError."""
+def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`data` decoded to an upright RGB image (EXIF orientation applied, alpha on white), or ImageError
+    (also when it has more than `max_pixels` pixels, told by the header before decoding)."""
     if not data:
         raise ImageError("empty file")
     with warnings.catch_warnings():
@@ -75,10 +76,10 @@ def load_image(data: bytes) -> Image.Image:
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(f"unreadable image header: {e}") from None
         width, height = img.size
-        if width * height > MAX_PIXELS:  # before decoding: the header alone tells
+        if width * height > max_pixels:  # before decoding: the header alone tells
             raise ImageError(
-                f"decompression bomb: {width} x {height} = {width * height / 1e6:.0f} Mpx, "
-                f"more than the limit of {MAX_PIXELS / 1e6:.0f} Mpx"
+                f"too many pixels: {width} x {height} = {width * height / 1e6:.0f} Mpx, "
+                f"more than the limit of {max_pixels / 1e6:.0f} Mpx"
             )
         try:
             img.load()
@@ -274,7 +275,7 @@ def evaluate_split(
         warnings.filterwarnings("ignore", ".*more shards shuffle better")  # a remark about training only
         loader = build_loader(cfg, split, device=clf.device, train=False)
     with loader:
-        metrics = evaluate(clf.model, loader, clf)
+        metrics = evaluate({"": clf.model}, loader, clf)
     return {"split": str(split_dir), "backend": backend, "precision": clf.precision, **metrics}
 
 

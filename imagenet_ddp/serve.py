@@ -7,7 +7,8 @@
     GET  /api/info      {"model", "num_classes", "languages": {code: name}, "lang", "topk", "max_upload_bytes"}
     POST /api/predict   body: the image file as is; ?lang=es&topk=5 -> {"lang", "top": [{"class_index",
                         "wnid", "name_en", "name", "probability"}, ...]}
-    Errors are {"error": "one line"}: 400 bad lang/topk, 411 no length, 413 too large, 415 not an image.
+    Errors are {"error": "one line"}: 400 bad lang/topk or Content-Length, 411 no length, 413 too large,
+    415 not an image (or more pixels than max_pixels), 503 busy (max_concurrent predictions running).
 
 Binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to a loopback name
 (a web page elsewhere cannot reach it through DNS rebinding). Standard library only (http.server):
@@ -50,6 +51,12 @@ CSP = (
 # An oversize body is read and dropped up to this many bytes, so that the client, still sending, gets the
 # 413 answer instead of a reset connection; beyond it the connection is closed unread.
 DRAIN_LIMIT = 256 << 20
+# Each prediction holds its decoded image: ~3 bytes a pixel, and as much again while it is resized. The
+# CLI takes up to MAX_PIXELS (179 Mpx, ~0.5 GB); a server shared by people keeps each request and their
+# number smaller: 50 Mpx (a large phone photo) x 4 at once is under 1.5 GB.
+SERVER_MAX_PIXELS = 50_000_000
+MAX_CONCURRENT = 4
+BUSY_WAIT_S = 30  # how long a request waits for a free slot before it is answered 503
 
 
 def _megabytes(n: int) -> str:
@@ -60,13 +67,25 @@ class App:
     """What the handlers share: the classifier (one forward pass at a time), settings, the page."""
 
     def __init__(
-        self, clf: Classifier, *, lang="en", topk=5, max_upload_bytes=20_000_000, loopback_only=True
+        self,
+        clf: Classifier,
+        *,
+        lang="en",
+        topk=5,
+        max_upload_bytes=20_000_000,
+        max_pixels=SERVER_MAX_PIXELS,
+        max_concurrent=MAX_CONCURRENT,
+        loopback_only=True,
     ):
         from imagenet_ddp.labels import available_languages
 
         self.clf, self.lang, self.topk, self.max_upload_bytes = clf, lang, topk, max_upload_bytes
+        self.max_pixels, self.max_concurrent = max_pixels, max_concurrent
+        if max_concurrent < 1 or max_pixels < 1:
+            raise UserError("the server needs max_concurrent >= 1 and max_pixels >= 1")
         self.loopback_only = loopback_only
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one forward pass at a time
+        self.slots = threading.BoundedSemaphore(max_concurrent)  # uploads read and decoded at once
         self.languages = {code: LANGUAGE_NAMES.get(code, code) for code in available_languages()}
         self.files = {route: ((WEB_DIR / name).read_bytes(), kind) for route, (name, kind) in STATIC.items()}
 
@@ -78,6 +97,8 @@ class App:
             "lang": self.lang,
             "topk": self.topk,
             "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "max_concurrent": self.max_concurrent,
         }
 
     def predict(self, data: bytes, query: dict[str, list[str]]) -> tuple[int, dict]:
@@ -93,7 +114,8 @@ class App:
         if not 1 <= topk <= self.clf.num_classes:
             return 400, {"error": f"topk must be a whole number from 1 to {self.clf.num_classes}"}
         try:
-            image = self.clf.preprocess(load_image(data))  # decoding runs in parallel, outside the lock
+            # Decoding runs in parallel (up to max_concurrent), outside the lock.
+            image = self.clf.preprocess(load_image(data, self.max_pixels))
         except ImageError as e:
             return 415, {"error": str(e)}
         with self.lock:
@@ -125,11 +147,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if url.path != "/api/predict":
             return self._json(404, {"error": f"no endpoint {url.path}; POST the image to /api/predict"})
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        given = self.headers.get("Content-Length")
+        if given is None or "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True  # a body may follow that this server will not read
             return self._json(411, {"error": "send the image as the request body, with a Content-Length"})
-        limit = self.app.max_upload_bytes
+        if not given.strip().isascii() or not given.strip().isdigit():  # int() takes "-1", "+5", "1_000"
+            self.close_connection = True
+            return self._json(400, {"error": f"Content-Length must be a number of bytes, not {given!r}"})
+        length, limit = int(given), self.app.max_upload_bytes
         if length > limit:
             left = length if length <= DRAIN_LIMIT else 0
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
@@ -137,8 +162,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             message = f"the upload is {_megabytes(length)}: larger than the limit of {_megabytes(limit)}"
             return self._json(413, {"error": message})
-        data = self.rfile.read(length)
-        status, body = self.app.predict(data, parse_qs(url.query))
+        if not self.app.slots.acquire(timeout=BUSY_WAIT_S):
+            self.close_connection = True
+            return self._json(
+                503, {"error": f"busy: all {self.app.max_concurrent} prediction slots are taken; try again"}
+            )
+        try:
+            data = self.rfile.read(length)
+            status, body = self.app.predict(data, parse_qs(url.query))
+        finally:
+            self.app.slots.release()
         self._json(status, body)
 
     def _host_allowed(self) -> bool:

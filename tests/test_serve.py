@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -103,6 +104,79 @@ def test_uploads_that_are_too_large_or_not_images_or_badly_asked_are_refused_cle
     assert status == 400 and "available: de, en, es, fr, it, pt" in body["error"]
     status, body = post(f"{url}/api/predict?topk=11", files["cat.jpg"].read_bytes())
     assert status == 400 and body["error"] == "topk must be a whole number from 1 to 10"
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Send `head` (request line and headers, as typed) and `body` over a plain socket: urllib
+    refuses to send a malformed Content-Length."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        response = conn.makefile("rb").read()
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "+5", "1_000", " -0"])
+def test_a_negative_or_malformed_content_length_is_refused_at_once(url, length):
+    """int() accepts "-1", "+5" and "1_000": a length of -1 used to pass the limit check and then
+    read until the client closed."""
+    head = f"POST /api/predict HTTP/1.1\nHost: 127.0.0.1\nContent-Length: {length}\nConnection: close\n"
+    status, body = raw_request(url, head)
+    assert (
+        status == 400 and body["error"] == f"Content-Length must be a number of bytes, not {length.strip()!r}"
+    )
+    head = "POST /api/predict HTTP/1.1\nHost: 127.0.0.1\nTransfer-Encoding: chunked\nConnection: close\n"
+    assert raw_request(url, head)[0] == 411
+
+
+def test_an_image_with_more_pixels_than_the_server_takes_is_refused_before_decoding(clf):
+    server = make_server(clf, port=0, quiet=True, max_pixels=100 * 100)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        big = jpeg_bytes(synth_image(np.random.default_rng(0), 120, 100))
+        status, body = post(f"http://{host}:{port}/api/predict", big)
+        assert (
+            status == 415
+            and body["error"] == "too many pixels: 120 x 100 = 0 Mpx, more than the limit of 0 Mpx"
+        )
+        small = jpeg_bytes(synth_image(np.random.default_rng(0), 100, 100))
+        assert post(f"http://{host}:{port}/api/predict", small)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_predictions_beyond_max_concurrent_wait_then_get_503(clf, files, monkeypatch):
+    """One slot: a client that sends its headers and holds back its body holds it; others are told busy."""
+    import imagenet_ddp.serve as serve
+
+    monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.2)
+    server = make_server(clf, port=0, quiet=True, max_concurrent=1)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}/api/predict"
+    image = files["cat.jpg"].read_bytes()
+    try:
+        with socket.create_connection((host, port), timeout=30) as slow:
+            head = f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(image)}\r\n\r\n"
+            slow.sendall(head.encode() + image[:10])  # the server now waits for the rest, holding the slot
+            answers = []
+            for _ in range(50):  # until the slow request has taken the slot (a few ms)
+                answers.append(post(url, image))
+                if answers[-1][0] == 503:
+                    break
+            assert answers[-1] == (503, {"error": "busy: all 1 prediction slots are taken; try again"})
+            slow.sendall(image[10:])
+            response = slow.makefile("rb").readline()
+            assert response.split()[1] == b"200"
+        assert post(url, image)[0] == 200  # the slot is free again
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_it_listens_on_localhost_only_and_answers_only_requests_addressed_to_it(clf, url):
