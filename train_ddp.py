@@ -16,6 +16,7 @@ Exit status: 0 done, 75 stopped to be requeued, 2 bad config or data, 1 anything
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -33,7 +34,7 @@ def parse_args(argv):
 
 def train(cfg, env, stop) -> int:
     from imagenet_ddp import checkpoint as ck
-    from imagenet_ddp.config import dump_yaml, loader_config, resolve, to_dict
+    from imagenet_ddp.config import advice, dump_yaml, loader_config, resolve, to_dict
     from imagenet_ddp.data import build_loader
     from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier
     from imagenet_ddp.engine import evaluate, make_state, seed_everything, train_one_epoch
@@ -72,6 +73,11 @@ def train(cfg, env, stop) -> int:
         f"{d.global_batch_size} per step, lr {d.lr:.4g}, {d.precision}, {d.steps_per_epoch} steps x "
         f"{cfg.train.epochs} epochs, {env.device.type}; run folder {cfg.run.dir}"
     )
+    if cfg.train.ema_decay:
+        half_life = math.log(0.5) / math.log(d.ema_decay) / d.steps_per_epoch
+        tracker.info(f"EMA decay {d.ema_decay:.6g} per step: half-life {half_life:.3g} epochs")
+    for note in advice(cfg):
+        tracker.info(note)
     if ckpt is not None:
         tracker.info(f"resuming from {found[1]}: {ck.describe(ckpt)}")
         if len(ckpt["ranks"]) != env.world_size:
@@ -121,9 +127,9 @@ def train(cfg, env, stop) -> int:
                 )
                 tracker.close(preempted=True)
                 return EXIT_REQUEUE
-            val = evaluate(state.model, val_loader, state)
-            if state.ema is not None:
-                val["val_top1_ema"] = evaluate(state.ema.module, val_loader, state)["val_top1"]
+            val = evaluate(
+                {"": state.model, **({"ema": state.ema.module} if state.ema else {})}, val_loader, state
+            )
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             is_best = val["val_top1"] > state.best_val_top1
             state.best_val_top1 = max(state.best_val_top1, val["val_top1"])

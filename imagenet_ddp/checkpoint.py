@@ -230,25 +230,30 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def rng_state() -> dict:
-    """This process's RNG states in weights_only-loadable types."""
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states in weights_only-loadable types: the CPU's, and its own GPU's only (a
+    rank restored where it sees fewer GPUs, as under `srun --gpus-per-task=1`, still finds its own)."""
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # older checkpoints: every visible GPU's state
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, gauss_np = state["numpy"]

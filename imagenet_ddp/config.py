@@ -70,7 +70,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max global grad norm; 0: no clipping
-    ema_decay: float = 0.0  # EMA of weights per optimizer step; 0: no EMA
+    ema_decay: float = 0.0  # EMA of weights: decay per step of a global batch of ema_ref_batch_size; 0: none
+    ema_ref_batch_size: int = 256  # the decay is scaled to the real global batch B as ema_decay ** (B / this)
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/Inf gradient
     deterministic: bool = False  # deterministic algorithms (slower), seeded everything
     seed: int = 0
@@ -97,6 +98,7 @@ class RunConfig:
     keep_last: int = 2  # step checkpoints kept beside last.pt and best.pt
     resume: bool = True  # continue from run.dir/last.pt when it exists
     timeout_s: int = 900  # collective timeout: a dead or hung rank ends the job instead of hanging it
+    poll_every: int = 10  # steps between checks for a stop signal and for NaN/Inf streaks (each a host sync)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Derived:
     steps_per_epoch: int = 0
     total_steps: int = 0
     warmup_steps: int = 0
+    ema_decay: float = 0.0  # train.ema_decay per optimizer step of global_batch_size images
     eval_resize: int = 0  # evaluation: shorter side resized to this, then centre crop data.eval_size
 
 
@@ -349,6 +352,7 @@ def validate(cfg: Config) -> Config:
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+        (t.ema_ref_batch_size >= 0, "train.ema_ref_batch_size must be >= 0 (0: the decay is per step as is)"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0: no clipping)"),
         (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
@@ -358,6 +362,7 @@ def validate(cfg: Config) -> Config:
         (cfg.run.keep_last >= 0, "run.keep_last must be >= 0"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: at epoch ends only)"),
         (cfg.run.timeout_s > 0, "run.timeout_s must be > 0"),
+        (cfg.run.poll_every >= 1, "run.poll_every must be >= 1"),
         (cfg.logging.log_every >= 1, "logging.log_every must be >= 1"),
     ]
     for ok, message in rules:
@@ -398,6 +403,30 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
         steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * t.epochs,
         warmup_steps=round(o.warmup_epochs * steps_per_epoch),
+        # Per image, not per step: the EMA averages over the same number of images whatever the
+        # world size (torchvision's reference scales its decay the same way).
+        ema_decay=t.ema_decay ** (global_batch / t.ema_ref_batch_size)
+        if t.ema_ref_batch_size
+        else t.ema_decay,
         eval_resize=eval_resize_size(cfg.data.eval_size, cfg.data.eval_crop_ratio),
     )
     return dataclasses.replace(cfg, derived=derived)
+
+
+# Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): SGD with linear LR scaling and warmup matched
+# small-batch accuracy up to a global batch of 8k on ImageNet, and lost accuracy beyond it.
+SGD_MAX_GLOBAL_BATCH = 8192
+
+
+def advice(cfg: Config) -> list[str]:
+    """Warnings about a resolved config that is valid but likely to train badly."""
+    d, notes = cfg.derived, []
+    if d.global_batch_size > SGD_MAX_GLOBAL_BATCH:
+        notes.append(
+            f"warning: a global batch of {d.global_batch_size} ({d.world_size} ranks x "
+            f"{cfg.train.batch_size}{f' x {cfg.train.grad_accum}' if cfg.train.grad_accum > 1 else ''}) with "
+            f"SGD at a linearly scaled lr of {d.lr:.4g}: plain SGD loses accuracy beyond a global batch of "
+            f"~{SGD_MAX_GLOBAL_BATCH} (Goyal et al. 2017). Such batches need a layer-wise adaptive "
+            "optimizer (LARS, LAMB), which this trainer does not offer yet: use fewer ranks or a smaller train.batch_size"
+        )
+    return notes

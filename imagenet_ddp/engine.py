@@ -25,6 +25,7 @@ from imagenet_ddp.checkpoint import rng_state, set_rng_state, unwrap
 from imagenet_ddp.config import Config
 from imagenet_ddp.dist import DistEnv, StopSignal, all_reduce_sum, broadcast_buffers
 from imagenet_ddp.errors import UserError
+from imagenet_ddp.models import deterministic_pooling
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,20 +51,55 @@ def lr_at(
 
 
 class Ema:
-    """Exponential moving average of a model's weights and buffers, updated after each optimizer step."""
+    """Exponential moving average of a model's weights and buffers, updated after each optimizer step.
+
+    The pairs of tensors are listed once: rebuilding both state dicts every step costs host time
+    that a GPU step does not have to spare."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        source = unwrap(model)
+        self.module = copy.deepcopy(source).eval().requires_grad_(False)
         self.decay = decay
+        ema, current = self.module.state_dict(), source.state_dict()
+        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
+        self._ema, self._current = [ema[k] for k in floats], [current[k] for k in floats]
+        self._others = [(ema[k], current[k]) for k, v in ema.items() if not v.dtype.is_floating_point]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema, current = self.module.state_dict(), unwrap(model).state_dict()
-        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([ema[k] for k in floats], [current[k] for k in floats], 1.0 - self.decay)
-        for k, v in ema.items():
-            if not v.dtype.is_floating_point:
-                v.copy_(current[k])  # BatchNorm's num_batches_tracked
+    def update(self, skipped: torch.Tensor | None = None) -> None:
+        """Move towards the model's weights by 1 - decay; not at all where `skipped` (a device bool,
+        so that a skipped step costs no host sync)."""
+        if skipped is None:
+            torch._foreach_lerp_(self._ema, self._current, 1.0 - self.decay)
+        elif self._ema:
+            # lerp takes its weight as a Python number (a tensor would be read: a sync): by hand.
+            weight = (~skipped).to(self._ema[0].dtype) * (1.0 - self.decay)
+            delta = torch._foreach_sub(self._current, self._ema)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(self._ema, delta)
+        for ema_tensor, current_tensor in self._others:
+            ema_tensor.copy_(current_tensor)  # BatchNorm's num_batches_tracked
+
+
+class BufferGuard:
+    """The model's buffers (BatchNorm running statistics) as they were before a step, put back when the
+    step is skipped: a batch with NaN/Inf has already moved them in its forward pass, and skipping the
+    weight update alone would leave every later evaluation poisoned."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = list(unwrap(model).buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    @torch.no_grad()
+    def restore_where(self, skipped: torch.Tensor) -> None:
+        """Buffers back to the saved ones if `skipped` (a device bool): no host sync."""
+        for buffer, saved in zip(self.buffers, self.saved, strict=True):
+            buffer.copy_(torch.where(skipped, saved, buffer))
 
 
 @dataclass
@@ -80,12 +116,23 @@ class TrainState:
     channels_last: bool = False
     grad_clip: float = 0.0
     ema: Ema | None = None
+    buffers: BufferGuard | None = None  # put back after a skipped step
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (0-based)
     batch_in_epoch: int = 0  # batches of `epoch` consumed: the loader position
     best_val_top1: float = -1.0
-    nonfinite_streak: int = 0
+    # Device tensors, read only at poll points: consecutive skipped steps now, and the longest run of
+    # them since the last poll (a streak that recovered between two polls still counts).
+    nonfinite_streak: torch.Tensor | None = None
+    longest_streak: torch.Tensor | None = None
     epoch_totals: torch.Tensor | None = None  # this rank's [loss sum, correct, samples] of the epoch so far
+
+    def __post_init__(self):
+        self.set_streak(0)
+
+    def set_streak(self, value: int) -> None:
+        self.nonfinite_streak = torch.tensor(value, device=self.device)
+        self.longest_streak = self.nonfinite_streak.clone()
 
     def state_dict(self) -> dict:
         return {
@@ -94,6 +141,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             **{k: getattr(self, k) for k in _COUNTERS},
+            "nonfinite_streak": int(self.nonfinite_streak),
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -104,6 +152,7 @@ class TrainState:
         self.scaler.load_state_dict(ckpt["scaler"])
         for k in _COUNTERS:
             setattr(self, k, ckpt[k])
+        self.set_streak(ckpt["nonfinite_streak"])
 
     def load_checkpoint(self, ckpt: dict, rank: int, world_size: int, train_loader) -> None:
         """Everything a resumed rank needs from `ckpt`: the shared state, and this rank's RNG streams,
@@ -118,14 +167,14 @@ class TrainState:
     def rank_state(self) -> dict:
         """What differs between ranks: RNG streams and the running epoch totals."""
         totals = self.epoch_totals.tolist() if self.epoch_totals is not None else [0.0, 0.0, 0.0]
-        return {"rng": rng_state(), "epoch_totals": totals}
+        return {"rng": rng_state(self.device), "epoch_totals": totals}
 
     def load_rank_state(self, saved: dict) -> None:
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], self.device)
         self.epoch_totals = torch.tensor(saved["epoch_totals"], device=self.device)
 
 
-_COUNTERS = ("step", "epoch", "batch_in_epoch", "best_val_top1", "nonfinite_streak")
+_COUNTERS = ("step", "epoch", "batch_in_epoch", "best_val_top1")
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
@@ -135,9 +184,13 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
     if deterministic:
         # cuBLAS reads this when its first handle is made: set before any matmul on the GPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        # warn_only: an op with no deterministic CUDA kernel warns, naming itself, instead of ending
+        # the run at its first backward. The one such op of torchvision's ResNets and EfficientNets,
+        # AdaptiveAvgPool2d's backward, is replaced (models.deterministic_pooling).
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
@@ -154,20 +207,29 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     """Move, wrap and equip `model` for training as `cfg` (resolved) says."""
     t, o, d = cfg.train, cfg.optim, cfg.derived
+    if t.deterministic:
+        deterministic_pooling(model)
     model = model.to(
         env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
     )
-    optimizer = torch.optim.SGD(
-        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias),
-        lr=d.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-    )
+    groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias)
+    sgd = partial(torch.optim.SGD, lr=d.lr, momentum=o.momentum, nesterov=o.nesterov)
+    try:
+        # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
+        optimizer = sgd(groups, fused=True)
+        # torch's fused SGD makes its momentum buffers with empty_like at the first step, even when
+        # that step is skipped (found_inf): the next step then reads garbage. Zeros from the start
+        # give the same first step (buf = 0.9 * 0 + grad = grad, bitwise) and nothing to read uninitialised.
+        if o.momentum:
+            for p in (p for group in groups for p in group["params"]):
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    except RuntimeError:  # a device without the fused kernel
+        optimizer = sgd(groups)
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     # After DDP, which gave every rank rank 0's initial weights: the EMA starts from those.
-    ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
+    ema = Ema(model, d.ema_decay) if t.ema_decay > 0 else None
     if t.compile:
         model = torch.compile(model)
     schedule = partial(
@@ -189,6 +251,7 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
         channels_last=t.channels_last,
         grad_clip=t.grad_clip,
         ema=ema,
+        buffers=BufferGuard(model),
     )
 
 
@@ -208,6 +271,8 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     for group in optimizer.param_groups:
         group["lr"] = state.schedule(state.step)
+    if state.buffers is not None:
+        state.buffers.save()
     totals = torch.zeros(3, device=state.device)
     for i, (images, labels) in enumerate(batches):
         # DDP all-reduces gradients in the last micro-batch's backward only.
@@ -221,18 +286,37 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
         totals[2] += len(labels)
     scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip or math.inf)
-    # The norm of the all-reduced gradients is the same on every rank, so all ranks skip together.
-    # Reading it is one sync per step, the same one GradScaler makes for fp16.
-    finite = bool(torch.isfinite(grad_norm))
-    if finite or scaler.is_enabled():
-        scaler.step(optimizer)  # with fp16 GradScaler itself skips a step whose gradients overflowed
-    scaler.update()
+    # The norm of the all-reduced gradients is the same on every rank, so all ranks skip together,
+    # and the decision stays on the device: the host does not wait for the step to finish.
+    skipped = ~torch.isfinite(grad_norm)
+    _step_unless(optimizer, scaler, skipped)
     optimizer.zero_grad(set_to_none=True)
-    if finite and state.ema is not None:
-        state.ema.update(model)
+    if state.buffers is not None:
+        state.buffers.restore_where(skipped)
+    if state.ema is not None:
+        state.ema.update(skipped)
     state.step += 1
-    state.nonfinite_streak = 0 if finite else state.nonfinite_streak + 1
+    state.nonfinite_streak = (state.nonfinite_streak + 1) * skipped
+    state.longest_streak = torch.maximum(state.longest_streak, state.nonfinite_streak)
     return totals
+
+
+def _step_unless(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skipped: torch.Tensor
+) -> None:
+    """optimizer.step() unless `skipped` (a device bool). Fused optimizers take the flag on the device,
+    as GradScaler hands it to them for fp16; others need it read on the host, one sync per step."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips a step whose gradients overflowed (GradScaler's own found_inf)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(skipped):
+        optimizer.step()
+    scaler.update()
 
 
 def train_one_epoch(
@@ -242,6 +326,7 @@ def train_one_epoch(
     train metrics over all ranks, with `stopped` True when a stop signal ended it early.
     `save()` is called every run.checkpoint_every steps."""
     accum, log_every, every = cfg.train.grad_accum, cfg.logging.log_every, cfg.run.checkpoint_every
+    poll_every = cfg.run.poll_every
     global_batch = cfg.derived.global_batch_size
     state.model.train()
     steps = len(loader) // accum
@@ -263,11 +348,11 @@ def train_one_epoch(
         totals += train_step(state, [next(batches) for _ in range(accum)])
         state.batch_in_epoch += accum
         steps_done += 1
-        if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{state.nonfinite_streak} consecutive steps with NaN/Inf gradients (last: step {state.step}); "
-                "the weights were not updated by them. Lower optim.lr, set train.grad_clip, or use bf16/fp32"
-            )
+        # Polls cost a host sync (and the stop flag a collective): every run.poll_every steps, the
+        # same steps on every rank, never every step.
+        poll = state.step % poll_every == 0
+        if poll:
+            check_nonfinite(state, cfg.train.max_nonfinite_steps)
         tracker.advance()
         if state.step % log_every == 0:
             now = time.perf_counter()  # reading the loss syncs with the device: only every log_every steps
@@ -284,9 +369,10 @@ def train_one_epoch(
             last_log, last_log_step = now, steps_done
         if every and state.step % every == 0 and state.batch_in_epoch // accum < steps:
             save()  # (at the epoch's end the caller saves, with the validation metrics)
-        if stop.requested(state.device):
+        if poll and stop.requested(state.device):
             stopped = True
             break
+    check_nonfinite(state, cfg.train.max_nonfinite_steps)
     seconds = time.perf_counter() - start
     if not stopped:  # the pass is over (batches beyond the last accumulation group are left):
         loader.close()  # its workers or pipeline go before validation; a stopped pass is saved first
@@ -302,31 +388,55 @@ def train_one_epoch(
     }
 
 
+def check_nonfinite(state: TrainState, limit: int) -> None:
+    """NonFiniteError when `limit` consecutive steps had NaN/Inf gradients (reads the device: a sync)."""
+    longest = int(state.longest_streak)
+    state.longest_streak = state.nonfinite_streak.clone()
+    if longest >= limit:
+        raise NonFiniteError(
+            f"{longest} consecutive steps with NaN/Inf gradients (up to step {state.step}); the weights "
+            "and BatchNorm statistics were not updated by them. Lower optim.lr, set train.grad_clip, or use bf16/fp32"
+        )
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, state: TrainState) -> dict:
-    """Exact top-1/top-5 over the whole split: every rank sums its own samples, then one all-reduce.
-    Samples a loader pads to even out ranks carry a negative label (PAD_LABEL) and are not counted."""
-    # The unwrapped module: no DDP forward and so no collective per batch. Its BatchNorm statistics
+def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
+    """Exact top-1/top-5 of each model over the whole split, in one pass over it: every rank sums its
+    own samples, then one all-reduce. Keys: val_count, and val_loss, val_top1, val_top5 with the
+    model's name as a suffix ("": none; "ema": val_top1_ema, ...). Samples a loader pads to even out
+    ranks carry a negative label (PAD_LABEL) and are not counted."""
+    # The unwrapped modules: no DDP forward and so no collective per batch. Their BatchNorm statistics
     # moved with each rank's last batch: every rank evaluates rank 0's, the ones a checkpoint holds.
-    model = unwrap(model)
-    broadcast_buffers(model)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=state.device)  # loss sum, top-1, top-5, count
+    models = {name: unwrap(model) for name, model in models.items()}
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        broadcast_buffers(model)
+        model.eval()
+    # Per model: loss sum, top-1, top-5, count.
+    totals = torch.zeros(len(models), 4, dtype=torch.float64, device=state.device)
     for images, labels in loader:
-        with _autocast(state):
-            logits = model(_inputs(state, images)).float()
+        images = _inputs(state, images)
         valid = labels >= 0
-        logits, labels = logits[valid], labels[valid]
-        k = min(5, logits.shape[1])
-        hits = (logits.topk(k, dim=1).indices == labels[:, None]).cumsum(1)
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        totals[0] += loss.double()
-        totals[1] += hits[:, 0].sum()
-        totals[2] += hits[:, k - 1].sum()
-        totals[3] += len(labels)
+        labels = labels[valid]
+        for row, model in zip(totals, models.values(), strict=True):
+            with _autocast(state):
+                logits = model(images).float()[valid]
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            row[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+            row[1] += hits[:, 0].sum()
+            row[2] += hits.any(1).sum()
+            row[3] += len(labels)
     all_reduce_sum(totals)
-    model.train(was_training)
-    loss, top1, top5, count = totals.tolist()
-    n = max(count, 1)
-    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_count": int(count)}
+    result = {}
+    for (name, model), (loss, top1, top5, count) in zip(models.items(), totals.tolist(), strict=True):
+        model.train(was_training[name])
+        n, suffix = max(count, 1), f"_{name}" if name else ""
+        result.update(
+            {
+                f"val_loss{suffix}": loss / n,
+                f"val_top1{suffix}": top1 / n,
+                f"val_top5{suffix}": top5 / n,
+            }
+        )
+    result["val_count"] = int(totals[0, 3])
+    return result

@@ -62,3 +62,23 @@ def _small_input_stem(model: nn.Module, name: str) -> None:
         model.maxpool = nn.Identity()
     else:
         model.features[0][0].stride = (1, 1)
+
+
+class GlobalAvgPool(nn.Module):
+    """AdaptiveAvgPool2d(1) as a mean: the same values, and a backward (expand and divide) that is
+    deterministic on CUDA, where adaptive_avg_pool2d's backward has no deterministic kernel."""
+
+    def forward(self, x):
+        return x.mean((-2, -1), keepdim=True)
+
+
+def deterministic_pooling(model: nn.Module) -> nn.Module:
+    """Replace every AdaptiveAvgPool2d to 1x1 in `model` (in place) by GlobalAvgPool. No parameters
+    change: the state_dict, and so every checkpoint, is the same as the model's without it."""
+    for name, child in list(model.named_children()):
+        size = getattr(child, "output_size", None)
+        if isinstance(child, nn.AdaptiveAvgPool2d) and size in (1, (1, 1)):
+            setattr(model, name, GlobalAvgPool())
+        else:
+            deterministic_pooling(child)
+    return model

@@ -110,9 +110,9 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     import numpy as np
 
     path = tmp_path / "rng.pt"
-    save_atomic({"format": FORMAT, "rng": [rng_state()]}, path)
+    save_atomic({"format": FORMAT, "rng": [rng_state(torch.device("cpu"))]}, path)
     expected = (torch.rand(3).tolist(), random.random(), np.random.rand())
-    set_rng_state(load(path)["rng"][0])
+    set_rng_state(load(path)["rng"][0], torch.device("cpu"))
     assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == expected
 
 

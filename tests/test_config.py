@@ -139,6 +139,33 @@ def test_derived_values_are_computed_in_one_place():
     assert resolve(unscaled, 8, "cpu", 10).derived.lr == 0.3
 
 
+@pytest.mark.parametrize("world_size", [1, 8, 512])
+def test_the_ema_averages_over_the_same_number_of_images_at_any_world_size(world_size):
+    """train.ema_decay is per step of ema_ref_batch_size images: after an epoch of 1.28M images the
+    weight left on the starting point is the same whatever the world size (and the global batch)."""
+    cfg = load_config(
+        None, ["train.ema_decay=0.9999", "train.ema_ref_batch_size=256", "train.batch_size=128"]
+    )
+    d = resolve(cfg, world_size, "cpu", 10).derived
+    steps = 1_281_167 / d.global_batch_size
+    assert d.ema_decay**steps == pytest.approx(0.9999 ** (1_281_167 / 256), rel=1e-9)
+    assert d.ema_decay == pytest.approx(0.9999 ** (128 * world_size / 256))
+    per_step = load_config(None, ["train.ema_decay=0.9999", "train.ema_ref_batch_size=0"])
+    assert resolve(per_step, world_size, "cpu", 10).derived.ema_decay == 0.9999  # timm's meaning
+
+
+def test_a_global_batch_beyond_where_sgd_is_known_to_work_is_warned_about():
+    from imagenet_ddp.config import advice
+
+    cfg = resolve(load_config(None, ["train.batch_size=256", "optim.lr=0.256"]), 512, "cpu", 10)
+    [note] = advice(cfg)
+    assert note.startswith(
+        "warning: a global batch of 131072 (512 ranks x 256) with SGD at a linearly scaled lr of 131"
+    )
+    assert "Goyal et al. 2017" in note and "LARS, LAMB" in note
+    assert advice(resolve(load_config(None, ["train.batch_size=256"]), 32, "cpu", 10)) == []  # 8192: fine
+
+
 def test_the_resolved_config_is_yaml_that_loads_back_to_the_same_config(tmp_path):
     cfg = resolve(load_config(RECIPES[0], ["train.epochs=7"]), 2, "cpu", 20)
     text = dump_yaml(cfg)

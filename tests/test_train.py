@@ -6,6 +6,7 @@ python -m pytest tests/test_train.py -q
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -160,16 +161,75 @@ def test_two_accumulated_micro_batches_make_the_same_step_as_one_batch_of_both()
     assert totals[2].item() == 8 and one.step == two.step == 1
 
 
-def test_non_finite_steps_leave_the_weights_alone_and_too_many_stop_training():
-    state = tiny_state(["train.max_nonfinite_steps=3"])
-    before = [p.detach().clone() for p in state.model.parameters()]
+def test_a_non_finite_step_leaves_weights_momentum_batchnorm_statistics_and_ema_as_they_were():
+    """The forward pass of a NaN batch has already moved BatchNorm's running statistics when the step
+    is skipped: they are put back, as are the weights, the momentum and the EMA (no host sync)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    )
+    cfg = load_config(None, ["train.precision=bf16", "train.channels_last=false", "train.ema_decay=0.9"])
+    state = make_state(model, resolve(cfg, 1, "cpu", batches_per_epoch=8), CPU)
+    good = (torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 3]))
+    train_step(state, [good])  # momentum buffers and EMA exist from here on
+    before = copy.deepcopy(
+        (state.model.state_dict(), state.optimizer.state_dict()["state"], state.ema.module.state_dict())
+    )
     bad = (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long))
     train_step(state, [bad])
-    assert state.nonfinite_streak == 1 and state.step == 1
-    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
-    cfg = resolve(load_config(None, ["train.max_nonfinite_steps=3", "logging.log_every=100"]), 1, "cpu", 8)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
+    assert int(state.nonfinite_streak) == 1 and state.step == 2
+    after = (state.model.state_dict(), state.optimizer.state_dict()["state"], state.ema.module.state_dict())
+    for saved, now in zip(before, after, strict=True):
+        torch.testing.assert_close(now, saved, rtol=0, atol=0)  # NaN-free and bitwise the same
+    train_step(state, [good])
+    assert int(state.nonfinite_streak) == 0
+    assert not torch.equal(state.model[1].running_mean, before[0]["1.running_mean"])  # a good step moves them
+
+
+def test_the_skipped_step_is_the_reference_optimizers_skip():
+    """The fused SGD told to skip on the device ends where torch's plain SGD ends when never stepped."""
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(3)]
+    bad = (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long))
+    ours = tiny_state(["train.label_smoothing=0"])
+    for batch in [bad, data[0], bad, data[1], data[2]]:  # skipped first: torch's fused SGD then read garbage
+        train_step(ours, [batch])
+    assert isinstance(ours.optimizer, torch.optim.SGD) and ours.optimizer.defaults["fused"]
+    reference = tiny_state(["train.label_smoothing=0"])
+    sgd = torch.optim.SGD(param_groups(reference.model, 5e-5, False), lr=0.1, momentum=0.9, nesterov=True)
+    for i, (images, labels) in enumerate(data):
+        sgd.zero_grad()
+        for group in sgd.param_groups:
+            group["lr"] = reference.schedule([1, 3, 4][i])  # the schedule goes on through skipped steps
+        nn.functional.cross_entropy(reference.model(images), labels).backward()
+        sgd.step()
+    for a, b in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_too_many_consecutive_non_finite_steps_stop_training_at_the_next_poll():
+    bad = (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long))
+    overrides = ["train.max_nonfinite_steps=3", "run.poll_every=3", "logging.log_every=100"]
+    state = tiny_state(overrides)
+    cfg = resolve(load_config(None, overrides), 1, "cpu", 8)
+    with pytest.raises(NonFiniteError, match=r"^3 consecutive steps with NaN/Inf gradients \(up to step 3\)"):
         train_one_epoch(state, Batches([bad] * 8), cfg, NullTracker(), NoStop(), save=lambda: None)
+    # A streak that ends between two polls still counts; shorter ones do not stop training.
+    good = (torch.randn(4, 3, 6, 6), torch.zeros(4, dtype=torch.long))
+    state = tiny_state(overrides)
+    with pytest.raises(NonFiniteError, match="^3 consecutive"):
+        train_one_epoch(
+            state, Batches([good, bad, bad, bad, good, good]), cfg, NullTracker(), NoStop(), save=lambda: None
+        )
+    state = tiny_state(overrides)
+    batches = Batches([bad, bad, good, bad, bad, good, good, good])
+    assert (
+        train_one_epoch(state, batches, cfg, NullTracker(), NoStop(), save=lambda: None)["stopped"] is False
+    )
 
 
 def test_ema_moves_towards_the_weights_by_one_minus_decay():
@@ -179,9 +239,58 @@ def test_ema_moves_towards_the_weights_by_one_minus_decay():
     with torch.no_grad():
         for p in state.model.parameters():
             p.add_(1.0)
-    ema.update(state.model)
+    ema.update()
     for s, e in zip(start, ema.module.parameters(), strict=True):
         torch.testing.assert_close(e, s + 0.25)
+    ema.update(skipped=torch.tensor(True))  # a skipped step: no move
+    ema.update(skipped=torch.tensor(False))
+    for s, e in zip(start, ema.module.parameters(), strict=True):
+        torch.testing.assert_close(e, s + 0.25 + 0.75 * 0.25)
+
+
+class HostReads:
+    """Counts the ways Python reads a tensor's value (each a host sync on a GPU). torch's own C++ code
+    is not seen; on a GPU `torch.cuda.set_sync_debug_mode` sees all (python -m imagenet_ddp.bench gpu)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def read(tensor, *args):
+            self.count += 1
+            return original(tensor, *args)
+
+        return read
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_reads_nothing_back_from_the_device(precision, monkeypatch):
+    """No per-step sync: the skip decision for NaN/Inf, the EMA, the BatchNorm guard stay on the device."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    )
+    overrides = [f"train.precision={precision}", "train.channels_last=false", "train.ema_decay=0.9"]
+    state = make_state(model, resolve(load_config(None, overrides), 1, "cpu", 8), CPU)
+    batches = [
+        (torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))),
+        (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long)),
+    ]
+    reads = HostReads(monkeypatch)
+    for i in range(4):
+        train_step(state, [batches[i % 2]])
+    assert reads.count == 0
+    assert int(state.nonfinite_streak) == 1 and reads.count == 1  # the counter itself works
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
@@ -194,7 +303,7 @@ def test_evaluation_counts_each_val_sample_exactly_once(shards, world_size):
     counts = []
     for rank in range(world_size):
         loader = build_loader(loader_config(cfg), "val", rank=rank, world_size=world_size, train=False)
-        counts.append(evaluate(state.model, loader, state)["val_count"])
+        counts.append(evaluate({"": state.model}, loader, state)["val_count"])
         assert len(loader) * 64 >= counts[-1]
     assert sum(counts) == 32
 
@@ -320,7 +429,7 @@ class StopAt:
 
 def test_a_stop_after_the_last_step_resumes_without_reading_the_epoch_again():
     state = tiny_state(["logging.log_every=100"])
-    cfg = resolve(load_config(None, ["logging.log_every=100"]), 1, "cpu", 4)
+    cfg = resolve(load_config(None, ["logging.log_every=100", "run.poll_every=1"]), 1, "cpu", 4)
     batch = (torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))
     first = train_one_epoch(
         state, Batches([batch] * 4), cfg, NullTracker(), StopAt(state, 4), save=lambda: None
