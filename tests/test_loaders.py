@@ -396,8 +396,6 @@ def test_dali_train_graph_of_cuda_devices_runs(shards):
     pipe = _pipeline(
         paths=[str(s.path) for s in split.shards],
         index_paths=[str(s.index_path) for s in split.shards],
-        rank=0,
-        world_size=1,
         train=True,
         decoder="cpu",
         image_size=SIZE,
@@ -415,3 +413,110 @@ def test_dali_train_graph_of_cuda_devices_runs(shards):
     assert images.as_tensor().shape() == [BATCH, SIZE, SIZE, 3]
     assert labels.as_tensor().shape()[0] == BATCH
     del pipe
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_the_mixed_decoders_get_nvidias_preallocation_hints_and_libjpeg_upsampling():
+    """No GPU here to run them: each argument must at least be one DALI's decoders accept."""
+    from nvidia.dali import backend
+
+    from imagenet_ddp.data.dali_backend import MIXED_DECODER_HINTS
+
+    assert MIXED_DECODER_HINTS["jpeg_fancy_upsampling"] is True
+    for op in ("decoders__ImageRandomCrop", "decoders__Image"):
+        schema = backend.GetSchema(op)
+        assert all(schema.HasArgument(name) for name in MIXED_DECODER_HINTS), op
+        assert not schema.HasArgument("no_such_argument")
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_a_dali_pass_built_ahead_gives_the_same_batches_as_one_built_when_asked(shards):
+    """The next pass's pipeline is built as the last batch is handed out (its build overlaps
+    validation); it must be the pipeline that pass would have built."""
+    for split in ("train", "val"):
+        cfg = config(shards, "dali")
+        with build_loader(cfg, split, rank=1, world_size=2, seed=3) as loader:
+            list(loader)
+            loader.set_epoch(1)
+            ahead = [(x.clone(), y.clone()) for x, y in loader]
+            assert loader.ahead, "the pass should have used the pipeline built ahead"
+        fresh = epoch(cfg, split, rank=1, world_size=2, seed=3, at=1)
+        assert all(torch.equal(a, b) for (a, _), b in zip(ahead, fresh[0], strict=True))
+        assert all(torch.equal(a, b) for (_, a), b in zip(ahead, fresh[1], strict=True))
+    with build_loader(cfg, "val") as loader:  # a pass that was not finished builds nothing ahead
+        next(iter(loader))
+        loader.end_pass()
+        next(iter(loader))
+        assert not loader.ahead
+
+
+OPEN_FILES = """
+import resource, sys, warnings
+from imagenet_ddp.data import DataConfig, build_loader
+from imagenet_ddp.errors import UserError
+warnings.simplefilter("ignore")
+soft, hard, world_size = map(int, sys.argv[1:4])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+cfg = DataConfig(root=sys.argv[4], backend=sys.argv[5], image_size=16, eval_size=16, batch_size=4, workers=1)
+try:
+    for rank in range(world_size):
+        for split in ("train", "val"):
+            with build_loader(cfg, split, rank=rank, world_size=world_size) as loader:
+                steps = sum(1 for _ in loader)
+    print("ok", steps, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+except UserError as e:
+    print("error:", e)
+"""
+
+
+@pytest.fixture(scope="module")
+def many_shards(source, tmp_path_factory) -> Path:
+    """260 train images in 130 shards of 2, 130 val images in 65: more files than the limits below."""
+    return make_shards(source, tmp_path_factory.mktemp("many"), 2)
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_more_shards_than_the_open_file_soft_limit_still_load(many_shards, backend):
+    """ImageNet packs 1,025 train shards; clusters often set a soft limit of 1,024 (SLURM passes the
+    user's on). Here 130 shards under a soft limit of 100: the DALI backend raises the soft limit to
+    the hard one, and with more ranks each rank opens only the shards that hold its samples."""
+
+    def run(soft, hard, world_size):
+        args = [str(soft), str(hard), str(world_size), str(many_shards), backend]
+        out = subprocess.run(
+            [sys.executable, "-c", OPEN_FILES, *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run(100, 4096, 1).startswith("ok")
+    assert run(100, 100, 8).startswith("ok")  # ~17 shards per rank
+    if backend == "dali":  # one rank needs all 130 at once: the limit is named, no shard is hashed
+        message = run(100, 100, 1)
+        assert message.startswith(
+            "error: rank 0 reads 130 shard files at once (and as many for the next pass"
+        )
+        assert "beyond the open-file limit (100 soft, 100 hard" in message
+        assert "ulimit -n" in message and "--shard-size" in message
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_a_dali_failure_that_is_not_about_the_data_hashes_no_shard(shards, monkeypatch):
+    """Only a read or decode failure is worth hashing the pass's shards (minutes for a rank's share
+    of ImageNet): a resource failure is named at once."""
+    from imagenet_ddp.data.shardset import ShardSplit
+
+    hashed = []
+    monkeypatch.setattr(ShardSplit, "find_corrupt", lambda self, found: hashed.append(found))
+    with build_loader(config(shards, "dali"), "train") as loader:
+        paths = [str(s.path) for s in loader.shards.shards]
+        dali = "Error in CPU operator `nvidia.dali.fn.readers.webdataset`,\nencountered:\n\n{}\n"
+        error = loader._read_error(
+            RuntimeError(dali.format("Could not open file x.tar: Too many open files")), paths
+        )
+        assert "too many open files (limit " in str(error) and "ulimit -n" in str(error)
+        error = loader._read_error(RuntimeError(dali.format("CUDA error: out of memory")), paths)
+        assert "not because of the data" in str(error)
+        assert hashed == []
+        loader._read_error(RuntimeError(dali.format("Error reading from a file x.tar")), paths)
+        assert len(hashed) == 1 and len(hashed[0]) == len(paths)

@@ -46,7 +46,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # One pass at a time: starting a new one ends the previous (its workers, its pipeline).
-        self.close()
+        self.end_pass()
         self.restored = False
         self._running = self._batches()
         return self._running
@@ -70,6 +70,10 @@ class Loader:
 
     def close(self) -> None:
         """End the current pass, if any, releasing worker processes or DALI pipelines at once."""
+        self.end_pass()
+
+    def end_pass(self) -> None:
+        """End the current pass, if any (what close() does unless a backend holds more)."""
         running, self._running = self._running, None
         if running is not None:
             running.close()

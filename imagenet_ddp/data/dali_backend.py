@@ -7,22 +7,30 @@ On a CUDA device the JPEGs are decoded by nvJPEG (`device="mixed"`), flipped and
 GPU. On a CPU device DALI runs on `workers` CPU threads (`device_id=None`): it reads and decodes
 only the random crop's region; torch then resizes, flips and normalizes (see _resize_crops).
 
-Ranks are DALI shards (`shard_id=rank, num_shards=world_size`, the GLOBAL rank): DALI splits the
-samples, not the files, so any file count serves any world size (see plan.py).
+Ranks split the samples, not the files (plan.py, with the GLOBAL rank): each rank's pipeline reads
+only the shard files that hold its samples of the pass, the first and last through index files cut
+to its range (written to a temporary folder), so any file count serves any world size, a rank opens
+~files/world_size shards (not all 1,025 of ImageNet: open-file limits) and parses only their indexes.
 
-Epoch order: each pass builds a new pipeline whose file order is the epoch's permutation (the one
-the torch backend uses) and whose seed is derived from (seed, epoch, rank); the pass stops after
-exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer` samples) draws only from the
-current pass over the rank's share, so a train epoch is a permutation of the share less the
-few samples still in the buffer at its end, as with the torch backend. Building costs well under
-a second per epoch.
+Epoch order: each pass builds a new pipeline over the epoch's sample stream (the torch backend's:
+shards in the epoch's permutation, rotated) with a seed derived from (seed, epoch, rank); the pass
+stops after exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer` samples) draws only
+from the rank's share, so a train epoch is a permutation of the share less the few samples still in
+the buffer at its end, as with the torch backend. The next pass's pipeline is built in a thread as
+the last batch of a pass is handed out, so its build overlaps validation (or training).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import resource
+import shutil
+import tempfile
 import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -46,16 +54,26 @@ from imagenet_ddp.data.presets import (
     parse_ascii_labels,
     to_model_input,
 )
-from imagenet_ddp.data.shardset import ShardSplit
+from imagenet_ddp.data.shardset import Shard, ShardSplit
 from imagenet_ddp.errors import UserError
+
+# What NVIDIA's ResNet-50 DALI example gives nvJPEG ("mixed") so that it allocates its buffers once,
+# for ImageNet's largest images, instead of growing them batch after batch.
+MIXED_DECODER_HINTS = {
+    "device_memory_padding": 211_025_920,
+    "host_memory_padding": 140_544_512,
+    "preallocate_width_hint": 5980,
+    "preallocate_height_hint": 6430,
+    # libjpeg-turbo's (the CPU decoder's, and PIL's) chroma upsampling: GPU evaluation then decodes
+    # like the CPU path and predict.py --evaluate.
+    "jpeg_fancy_upsampling": True,
+}
 
 
 @pipeline_def
 def _pipeline(
     paths,
     index_paths,
-    rank,
-    world_size,
     train,
     decoder,
     image_size,
@@ -67,19 +85,18 @@ def _pipeline(
     jpegs, cls = fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
-        ext=["jpg", "cls"],
-        shard_id=rank,
-        num_shards=world_size,
-        stick_to_shard=True,  # the file order already changes each epoch (a new pipeline each pass)
+        ext=["jpg", "cls"],  # the files and index ranges are this rank's share: no DALI sharding
         random_shuffle=train,
         initial_fill=shuffle_buffer,
         dont_use_mmap=True,  # a damaged file then raises an error instead of crashing the process
         missing_component_behavior="error",
         name="reader",
     )
+    hints = MIXED_DECODER_HINTS if decoder == "mixed" else {}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs,
+            **hints,
             device=decoder,
             output_type=types.RGB,
             random_area=list(crop_area),
@@ -97,7 +114,7 @@ def _pipeline(
         height = fn.cast(shape[0], dtype=types.FLOAT)
         width = fn.cast(shape[1], dtype=types.FLOAT)
         short = dmath.min(height, width)
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, **hints, device=decoder, output_type=types.RGB)
         images = fn.resize(
             images,
             resize_y=dmath.floor(resize * height / short),
@@ -120,22 +137,28 @@ class DaliLoader(Loader):
         self.image_size = cfg.image_size if train else cfg.eval_size
         self.crop_only = train and device.type != "cuda"  # DALI crops, torch flips and resizes
         self._pipe, self._done, self._saved = None, 0, None
+        self._next: tuple[str, Future] | None = None  # the next pass's pipeline, being built
+        self._builder: ThreadPoolExecutor | None = None
+        self._index_dir: str | None = None  # index files cut to this rank's ranges
+        self._pass_paths: list[str] = []  # the shards the running pass reads
+        self.ahead = False  # whether the running pass's pipeline was built ahead of it
 
-    def _order(self) -> list[int]:
+    def _pieces(self, epoch: int) -> list[plan.Piece]:
+        """The samples of this rank's pass over epoch `epoch`, as (shard, start, stop) pieces."""
+        lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
         if not self.train:
-            return list(range(len(self.sizes)))
-        return plan.epoch_layout(len(self.sizes), self.num_samples, self.seed, self.epoch)[0]
+            return plan.stream_pieces(self.sizes, list(range(len(self.sizes))), 0, lo, hi - lo)
+        order, offset = plan.epoch_layout(len(self.sizes), self.num_samples, self.seed, epoch)
+        return plan.stream_pieces(self.sizes, order, offset, lo, hi - lo)
 
-    def _pipeline_args(self, order: list[int]) -> tuple[dict, str]:
+    def _pipeline_args(self, epoch: int) -> tuple[dict, str]:
         """The pass's pipeline arguments, and their digest: DALI restores a checkpoint into a pipeline
         of other arguments without a word (and then yields other samples), so the digest guards it."""
         cuda = self.device.type == "cuda"
-        files = [self.shards.shards[i] for i in order]
+        pieces = self._pieces(epoch)
         args = dict(
-            paths=[str(s.path) for s in files],
-            index_paths=[str(s.index_path) for s in files],
-            rank=self.rank,
-            world_size=self.world_size,
+            paths=[str(self.shards.shards[p.shard].path) for p in pieces],
+            index_paths=[self._index_path(p) for p in pieces],
             train=self.train,
             decoder="mixed" if cuda else "cpu",
             image_size=self.image_size,
@@ -146,21 +169,34 @@ class DaliLoader(Loader):
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),
             device_id=_cuda_index(self.device) if cuda else None,
-            seed=plan.derive_seed(self.seed, self.epoch, self.rank),
+            seed=plan.derive_seed(self.seed, epoch if self.train else 0, self.rank),  # eval: no draws
             prefetch_queue_depth=2,
             enable_checkpointing=self.train,
         )
         # Not in it: where the shards are (staged to node-local disk by many jobs) and what does not
         # change the samples or the random draws (threads, device, queue depth).
         stable = {k: v for k, v in args.items() if k not in _NOT_IN_STATE}
-        stable["shards"] = [(s.path.name, s.num_samples) for s in files]
+        stable["shards"] = [(self.shards.shards[p.shard].path.name, p.start, p.stop) for p in pieces]
         stable["dali"] = dali_version
         return args, hashlib.sha256(repr(sorted(stable.items())).encode()).hexdigest()
 
+    def _index_path(self, piece: plan.Piece) -> str:
+        """The shard's own index when the piece is the whole shard, else one cut to the piece."""
+        shard = self.shards.shards[piece.shard]
+        if (piece.start, piece.stop) == (0, shard.num_samples):
+            return str(shard.index_path)
+        if self._index_dir is None:
+            self._index_dir = tempfile.mkdtemp(prefix=f"imagenet-ddp-dali-rank{self.rank}-")
+            weakref.finalize(self, shutil.rmtree, self._index_dir, ignore_errors=True)
+        path = os.path.join(self._index_dir, f"{shard.index_path.stem}.{piece.start}-{piece.stop}.idx")
+        if not os.path.exists(path):
+            _write_index_range(shard, piece.start, piece.stop, path)
+        return path
+
     def iter_from(self, batch: int):
         saved, self._saved = self._saved, None
-        self.close()
-        key = self._pipeline_args(self._order())[1]
+        self.end_pass()
+        key = self._pipeline_args(self.epoch)[1]
         where = (saved.get("epoch"), saved.get("batch"), saved.get("key")) if saved else None
         self.restored = where == (self.epoch, batch, key)
         self._running = self._batches(batch, saved["dali"] if self.restored else None)
@@ -171,40 +207,96 @@ class DaliLoader(Loader):
             return {}
         # The reader's position and the random generators' states after the last batch handed
         # out (not the ones DALI prefetched): ~500 bytes, whatever the shuffle buffer holds.
-        key = self._pipeline_args(self._order())[1]
+        key = self._pipeline_args(self.epoch)[1]
         return {"epoch": self.epoch, "batch": self._done, "key": key, "dali": self._pipe.checkpoint()}
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = dict(state) if state else None
 
+    def close(self) -> None:
+        """End the current pass; with no pass running, also drop the pipeline built for the next one."""
+        live = self._running is not None and self._running.gi_frame is not None
+        self.end_pass()
+        if not live:
+            self._drop_next()
+
     def _batches(self, start: int = 0, checkpoint: bytes | None = None):
-        order = self._order()
         lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
         if hi == lo:  # more ranks than eval samples: this rank only pads
             yield from itertools.islice(self._padding_only(), start, None)
             return
         pipe = None
         try:
-            args = self._pipeline_args(order)[0]
-            try:
-                pipe = _built(args, checkpoint)
-            except RuntimeError as e:
-                if checkpoint is None:
-                    raise self._read_error(e, order) from None
-                warnings.warn(f"DALI could not restore its checkpoint ({_dali_reason(str(e))}): replaying")
-                checkpoint, self.restored = None, False
-                pipe = self._guarded(lambda: _built(args, None), order)
+            args, key = self._pipeline_args(self.epoch)
+            self._pass_paths = args["paths"]
+            pipe = self._take_next(key) if start == 0 and checkpoint is None else None
+            self.ahead = pipe is not None
+            if pipe is None:
+                self._drop_next()
+                pipe = self._build(args, checkpoint)
+                if pipe is None:  # the checkpoint did not restore
+                    checkpoint = None
+                    pipe = self._build(args, None)
+            run = self._runner(pipe)
             if checkpoint is None:
                 for _ in range(start):  # replay: DALI reads and decodes them again, torch skips its part
-                    self._guarded(pipe.run, order)
+                    run()
             self._pipe, self._done = pipe, start
             for step in range(start, self.steps):
-                images, labels = self._guarded(pipe.run, order)
+                images, labels = run()
                 self._done = step + 1
+                if self._done == self.steps:  # the next pass's build overlaps what follows this one
+                    self._prepare_next()
                 yield self._to_torch(images, labels, step)
         finally:
             self._pipe = None
             del pipe  # stops the pipeline's threads now rather than at garbage collection
+
+    def _build(self, args: dict, checkpoint: bytes | None):
+        """A built pipeline; None when `checkpoint` does not restore (a warning says why)."""
+        _allow_open_files(len(args["paths"]), self.rank)
+        try:
+            return _built(args, checkpoint)
+        except RuntimeError as e:
+            if checkpoint is None:
+                raise self._read_error(e, args["paths"]) from None
+            warnings.warn(f"DALI could not restore its checkpoint ({_dali_reason(str(e))}): replaying", stacklevel=3)
+            self.restored = False
+            return None
+
+    def _runner(self, pipe):
+        """pipe.run, its errors named; on a GPU its outputs are ordered on torch's current stream, so
+        the host does not wait for them."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        paths = self._pass_paths
+        return lambda: self._guarded(lambda: pipe.run(stream) if stream is not None else pipe.run(), paths)
+
+    def _prepare_next(self) -> None:
+        epoch = self.epoch + 1 if self.train else self.epoch
+        args, key = self._pipeline_args(epoch)
+        self._drop_next()
+        _allow_open_files(len(args["paths"]), self.rank)
+        self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-pass")
+        self._next = key, self._builder.submit(_built, args, None)
+
+    def _take_next(self, key: str):
+        """The pipeline built ahead for this pass, if it was built for these arguments and built well."""
+        if self._next is None or self._next[0] != key:
+            return None
+        future, self._next = self._next[1], None
+        try:
+            return future.result()
+        except RuntimeError:  # built again in the foreground, where its error is explained
+            return None
+
+    def _drop_next(self) -> None:
+        if self._next is not None:
+            future, self._next = self._next[1], None
+            if not future.cancel():
+                future.exception()  # wait: the pipeline goes now, not with the thread
+        if self._builder is not None:
+            self._builder.shutdown(wait=True)
+            self._builder = None
 
     def _to_torch(self, images, labels, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.image_size
@@ -240,17 +332,27 @@ class DaliLoader(Loader):
         for _ in range(self.steps):
             yield to_model_input(images, self.device, self.cfg.channels_last), labels.to(self.device)
 
-    def _guarded(self, call, order: list[int]):
+    def _guarded(self, call, paths: list[str]):
         try:
             return call()
         except RuntimeError as e:  # how DALI reports any failure of a pipeline
-            raise self._read_error(e, order) from None
+            raise self._read_error(e, paths) from None
 
-    def _read_error(self, error: RuntimeError, order: list[int]) -> UserError:
-        """Name the damaged shard: DALI's own message often names no file (or the wrong one)."""
-        mine = plan.rank_shards(self.sizes, order, self.rank, self.world_size)
-        bad = self.shards.find_corrupt([self.shards.shards[i] for i in mine])
+    def _read_error(self, error: RuntimeError, paths: list[str]) -> UserError:
+        """One line naming the cause. For a data error (a read or decode failure), the damaged shard
+        among `paths` (the pass's), which DALI's own message often does not name (or names wrongly):
+        hashing them is worth it only then."""
         detail = _dali_reason(str(error))
+        resource_error = next((m for m in _RESOURCE_ERRORS if m in str(error)), None)
+        if resource_error == "Too many open files":
+            return UserError(
+                f"DALI could not open the shards of {self.shards.dir} (rank {self.rank}): too many open files "
+                f"(limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}); raise it with `ulimit -n`; DALI said: {detail}"
+            )
+        if resource_error is not None:
+            return UserError(f"DALI failed on rank {self.rank} ({resource_error}), not because of the data: {detail}")
+        by_path = {str(s.path): s for s in self.shards.shards}
+        bad = self.shards.find_corrupt([by_path[p] for p in dict.fromkeys(paths) if p in by_path])
         if bad is not None:
             return UserError(
                 f"shard {bad.path} is damaged (its sha256 differs from {self.shards.dir}/manifest.json): "
@@ -260,6 +362,50 @@ class DaliLoader(Loader):
             f"DALI failed reading {self.shards.dir} (rank {self.rank}): {detail}; "
             f"check the shards with: python make_shards.py verify {self.shards.dir}"
         )
+
+
+# DALI failures that say nothing about the shards' bytes: hashing the shards would only delay the answer.
+_RESOURCE_ERRORS = (
+    "Too many open files",
+    "Cannot allocate memory",
+    "out of memory",
+    "CUDA error",
+    "CUDA driver",
+    "Permission denied",
+)
+
+
+def _allow_open_files(files: int, rank: int) -> None:
+    """Make room for `files` shard descriptors (DALI keeps each shard of the pass open): raise the soft
+    open-file limit towards the hard one, or say at once which limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    # The pass's shards, as many for the pass built ahead at the same time, and some headroom.
+    needed = in_use + 2 * files + 32
+    if needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise UserError(
+            f"rank {rank} reads {files} shard files at once (and as many for the next pass, built ahead): "
+            f"beyond the open-file limit ({soft} soft, {hard} hard, {in_use} in use): raise it (`ulimit -n "
+            f"{needed}`; under SLURM, the nodes' limits.conf or --propagate=NOFILE), run more ranks, or pack "
+            "larger shards (make_shards.py --shard-size)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+
+
+def _write_index_range(shard: Shard, start: int, stop: int, path: str) -> None:
+    """A DALI webdataset index (v1.2) of samples [start, stop) of `shard`, written atomically."""
+    lines = shard.index_path.read_text().splitlines()
+    if not lines or lines[0].split()[:1] != ["v1.2"] or len(lines) - 1 < stop:
+        raise UserError(f"bad index file {shard.index_path}: expected 'v1.2 {shard.num_samples}' and a line per sample")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join([f"v1.2 {stop - start}", *lines[1 + start : 1 + stop]]) + "\n")
+    os.replace(tmp, path)
 
 
 def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:

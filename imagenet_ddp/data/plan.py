@@ -120,9 +120,3 @@ def eval_batches(
         stop = min(hi, first + batch_size)
         batches.append(stream_pieces(sizes, list(range(len(sizes))), 0, first, stop - first))
     return batches
-
-
-def rank_shards(sizes: list[int], order: list[int], rank: int, world_size: int) -> list[int]:
-    """The shards (manifest positions) that hold some of `rank`'s samples without rotation."""
-    lo, hi = rank_range(sum(sizes), rank, world_size)
-    return sorted({p.shard for p in stream_pieces(sizes, order, 0, lo, hi - lo)})
