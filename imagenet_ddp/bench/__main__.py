@@ -1,9 +1,9 @@
-"""python -m imagenet_ddp.bench {shards,loaders} [options]"""
+"""python -m imagenet_ddp.bench {shards,loaders,gpu} [options]"""
 
 import importlib
 import sys
 
-BENCHES = ("shards", "loaders")
+BENCHES = ("shards", "loaders", "gpu")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
