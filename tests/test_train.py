@@ -293,6 +293,29 @@ def test_a_training_step_reads_nothing_back_from_the_device(precision, monkeypat
     assert int(state.nonfinite_streak) == 1 and reads.count == 1  # the counter itself works
 
 
+def test_the_model_and_its_ema_are_evaluated_in_one_pass_each_as_if_alone():
+    state, other = tiny_state(seed=0), tiny_state(seed=1)
+    torch.manual_seed(2)
+    labels = torch.tensor([0, 1, 2, 3, 0, -100, -100, -100])  # the last three pad the batch
+    batches = Batches([(torch.randn(8, 3, 6, 6), labels), (torch.randn(8, 3, 6, 6), labels.roll(3))])
+    passes = []
+
+    class Counted(Batches):
+        def __iter__(self):
+            passes.append(1)
+            return super().__iter__()
+
+    loader = Counted(batches.batches)
+    both = evaluate({"": state.model, "ema": other.model}, loader, state)
+    assert len(passes) == 1
+    alone = evaluate({"": state.model}, loader, state)
+    ema_alone = evaluate({"": other.model}, loader, state)
+    assert {k: both[k] for k in alone} == alone and both["val_count"] == 10
+    assert {k: both[f"{k}_ema"] for k in ("val_loss", "val_top1", "val_top5")} == {
+        k: ema_alone[k] for k in ("val_loss", "val_top1", "val_top5")
+    }
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_evaluation_counts_each_val_sample_exactly_once(shards, world_size):
     """Per-rank counts of a padded split add up to the split (the all-reduce adds them across ranks)."""
