@@ -142,17 +142,25 @@ class TrainState:
             "scaler": self.scaler.state_dict(),
             **{k: getattr(self, k) for k in _COUNTERS},
             "nonfinite_streak": int(self.nonfinite_streak),
+            "nonfinite_longest": int(self.longest_streak),  # since the last poll
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
         unwrap(self.model).load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"] or ckpt["model"])
+        fused = self.optimizer.defaults.get("fused")
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # The saved groups replace ours, flags included: an optimizer saved unfused (an older run,
+        # another device) must still step the way this one was built to.
+        for group in self.optimizer.param_groups:
+            group["fused"] = fused
+        _ready_for_device_skips(self.optimizer)
         self.scaler.load_state_dict(ckpt["scaler"])
         for k in _COUNTERS:
             setattr(self, k, ckpt[k])
         self.set_streak(ckpt["nonfinite_streak"])
+        self.longest_streak.fill_(max(ckpt["nonfinite_streak"], ckpt.get("nonfinite_longest", 0)))
 
     def load_checkpoint(self, ckpt: dict, rank: int, world_size: int, train_loader) -> None:
         """Everything a resumed rank needs from `ckpt`: the shared state, and this rank's RNG streams,
@@ -212,19 +220,16 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     model = model.to(
         env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
     )
-    groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias)
-    sgd = partial(torch.optim.SGD, lr=d.lr, momentum=o.momentum, nesterov=o.nesterov)
-    try:
-        # Fused: one kernel for all parameters, and it skips a non-finite step on the device.
-        optimizer = sgd(groups, fused=True)
-        # torch's fused SGD makes its momentum buffers with empty_like at the first step, even when
-        # that step is skipped (found_inf): the next step then reads garbage. Zeros from the start
-        # give the same first step (buf = 0.9 * 0 + grad = grad, bitwise) and nothing to read uninitialised.
-        if o.momentum:
-            for p in (p for group in groups for p in group["params"]):
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    except RuntimeError:  # a device without the fused kernel
-        optimizer = sgd(groups)
+    # Fused: one kernel for all parameters, and it skips a non-finite step on the device (torch has
+    # the kernel for CPUs and CUDA; it checks the device only at the first step).
+    optimizer = torch.optim.SGD(
+        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias),
+        lr=d.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        fused=env.device.type in FUSED_DEVICES,
+    )
+    _ready_for_device_skips(optimizer)
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -301,6 +306,21 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
     return totals
 
 
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def _ready_for_device_skips(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where a fused SGD has none yet. torch's fused SGD makes them with
+    empty_like at its first step, even when that step is skipped (found_inf): the next step then
+    reads garbage. Zeros give the same first step (buf = 0.9 * 0 + grad = grad, bitwise)."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 def _step_unless(
     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skipped: torch.Tensor
 ) -> None:
@@ -375,7 +395,7 @@ def train_one_epoch(
     check_nonfinite(state, cfg.train.max_nonfinite_steps)
     seconds = time.perf_counter() - start
     if not stopped:  # the pass is over (batches beyond the last accumulation group are left):
-        loader.close()  # its workers or pipeline go before validation; a stopped pass is saved first
+        loader.end_pass()  # its workers or pipeline go before validation; a stopped pass is saved first
     loss, correct, count = all_reduce_sum(totals.clone()).tolist()
     tracker.end_epoch()
     return {

@@ -7,8 +7,9 @@
     GET  /api/info      {"model", "num_classes", "languages": {code: name}, "lang", "topk", "max_upload_bytes"}
     POST /api/predict   body: the image file as is; ?lang=es&topk=5 -> {"lang", "top": [{"class_index",
                         "wnid", "name_en", "name", "probability"}, ...]}
-    Errors are {"error": "one line"}: 400 bad lang/topk or Content-Length, 411 no length, 413 too large,
-    415 not an image (or more pixels than max_pixels), 503 busy (max_concurrent predictions running).
+    Errors are {"error": "one line"}: 400 bad lang/topk or Content-Length, 408 body not in within 60 s,
+    411 no length, 413 too large, 415 not an image (or more pixels than max_pixels), 503 busy
+    (max_concurrent predictions running).
 
 Binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to a loopback name
 (a web page elsewhere cannot reach it through DNS rebinding). Standard library only (http.server):
@@ -57,6 +58,7 @@ DRAIN_LIMIT = 256 << 20
 SERVER_MAX_PIXELS = 50_000_000
 MAX_CONCURRENT = 4
 BUSY_WAIT_S = 30  # how long a request waits for a free slot before it is answered 503
+BODY_DEADLINE_S = 60  # the whole upload must arrive within this (a client trickling bytes holds a thread)
 
 
 def _megabytes(n: int) -> str:
@@ -162,17 +164,40 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             message = f"the upload is {_megabytes(length)}: larger than the limit of {_megabytes(limit)}"
             return self._json(413, {"error": message})
-        if not self.app.slots.acquire(timeout=BUSY_WAIT_S):
+        data = self._read_body(length)
+        if data is None:
             self.close_connection = True
-            return self._json(
-                503, {"error": f"busy: all {self.app.max_concurrent} prediction slots are taken; try again"}
-            )
+            return self._json(408, {"error": f"the upload did not arrive within {BODY_DEADLINE_S} s"})
+        # The slot covers decoding and the forward pass only: a slow upload holds no slot.
+        if not self.app.slots.acquire(timeout=BUSY_WAIT_S):
+            busy = f"busy: all {self.app.max_concurrent} prediction slots are taken; try again"
+            return self._json(503, {"error": busy})
         try:
-            data = self.rfile.read(length)
             status, body = self.app.predict(data, parse_qs(url.query))
         finally:
             self.app.slots.release()
         self._json(status, body)
+
+    def _read_body(self, length: int) -> bytes | None:
+        """The request body, or None when it does not arrive within BODY_DEADLINE_S (or the client
+        closes early): the handler's own timeout is per receive, which a trickle never reaches."""
+        deadline, chunks, left = time.monotonic() + BODY_DEADLINE_S, [], length
+        try:
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    return None
+                chunks.append(chunk)
+                left -= len(chunk)
+        except TimeoutError:
+            return None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
 
     def _host_allowed(self) -> bool:
         host = _host_name(self.headers.get("Host") or "")

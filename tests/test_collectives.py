@@ -1,4 +1,5 @@
-"""Collectives per training step on 2 real gloo ranks: the stop-signal poll is not a per-step sync.
+"""Collectives per training step on 2 real gloo ranks under torchrun: the stop-signal poll is not a
+per-step sync.
 
 Each collective that Python issues (the stop flag, the epoch's totals) waits for the slowest rank and,
 on GPUs, for the device. DDP's gradient all-reduce runs in its C++ reducer and is not counted here.
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from imagenet_ddp.config import load_config, resolve
@@ -44,10 +46,14 @@ class Batches(list):
     def close(self):
         pass
 
+    def end_pass(self):
+        pass
 
-def _rank(rank: int, store_path: str, out: str, overrides: list[str], signal_at: int | None) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+
+def worker(out: str, overrides: list[str], signal_at: int | None) -> None:
+    """One rank under torchrun: an epoch of train_one_epoch, counting the collectives Python issues."""
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")
     counts = dict.fromkeys(COLLECTIVES, 0)
     for name in COLLECTIVES:
         original = getattr(dist, name)
@@ -62,12 +68,8 @@ def _rank(rank: int, store_path: str, out: str, overrides: list[str], signal_at:
         model = nn.Sequential(
             nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)
         )
-        cfg = resolve(
-            load_config(None, ["train.precision=fp32", "train.channels_last=false", *overrides]),
-            2,
-            "cpu",
-            STEPS,
-        )
+        overrides = ["train.precision=fp32", "train.channels_last=false", *overrides]
+        cfg = resolve(load_config(None, overrides), 2, "cpu", STEPS)
         env = DistEnv(
             rank=rank, local_rank=rank, world_size=2, local_world_size=2, device=torch.device("cpu")
         )
@@ -78,31 +80,31 @@ def _rank(rank: int, store_path: str, out: str, overrides: list[str], signal_at:
             for _ in range(STEPS)
         )
         stop = StopSignal().install()
-        steps_seen = []
 
         class Tracker(NullTracker):
             def advance(self):
-                steps_seen.append(state.step)
                 if rank == 1 and state.step == signal_at:
                     os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is told: both must stop together
 
         result = train_one_epoch(state, batches, cfg, Tracker(), stop, save=lambda: None)
         stop.uninstall()
-        Path(out, f"{rank}.json").write_text(
-            json.dumps({"counts": counts, "step": state.step, "stopped": result["stopped"]})
-        )
-        dist.barrier()  # a rank that tears down while its peer still sends aborts in gloo's threads
+        record = {"counts": counts, "step": state.step, "stopped": result["stopped"]}
+        Path(out, f"{rank}.json").write_text(json.dumps(record))
+        # As train_ddp.py does before its teardown: a rank that destroys its gloo group right after the
+        # last collective, while its peer's half is still in flight, sometimes aborts in gloo's threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def run_two_ranks(tmp_path: Path, overrides: list[str], signal_at: int | None = None) -> list[dict]:
-    mp.start_processes(
-        _rank,
-        args=(str(tmp_path / "store"), str(tmp_path), overrides, signal_at),
-        nprocs=2,
-        start_method="spawn",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "SLURM_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    cmd += [str(tmp_path), json.dumps(overrides), json.dumps(signal_at)]
+    done = subprocess.run(
+        cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
 
 
@@ -118,3 +120,7 @@ def test_the_stop_flag_is_polled_every_run_poll_every_steps_not_every_step(tmp_p
 def test_a_signal_on_one_rank_stops_both_after_the_same_step_at_the_next_poll(tmp_path):
     ranks = run_two_ranks(tmp_path, ["run.poll_every=3", "logging.log_every=100"], signal_at=4)
     assert [r["step"] for r in ranks] == [6, 6] and all(r["stopped"] for r in ranks)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))

@@ -430,24 +430,41 @@ def test_the_mixed_decoders_get_nvidias_preallocation_hints_and_libjpeg_upsampli
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
-def test_a_dali_pass_built_ahead_gives_the_same_batches_as_one_built_when_asked(shards):
-    """The next pass's pipeline is built as the last batch is handed out (its build overlaps
-    validation); it must be the pipeline that pass would have built."""
-    for split in ("train", "val"):
-        cfg = config(shards, "dali")
-        with build_loader(cfg, split, rank=1, world_size=2, seed=3) as loader:
-            list(loader)
-            loader.set_epoch(1)
-            ahead = [(x.clone(), y.clone()) for x, y in loader]
-            assert loader.ahead, "the pass should have used the pipeline built ahead"
-        fresh = epoch(cfg, split, rank=1, world_size=2, seed=3, at=1)
-        assert all(torch.equal(a, b) for (a, _), b in zip(ahead, fresh[0], strict=True))
-        assert all(torch.equal(a, b) for (_, a), b in zip(ahead, fresh[1], strict=True))
-    with build_loader(cfg, "val") as loader:  # a pass that was not finished builds nothing ahead
+def test_a_dali_train_pass_built_ahead_gives_the_same_batches_as_one_built_when_asked(shards):
+    """The next epoch's train pipeline is built as the last batch is handed out (its build overlaps
+    validation); it must be the pipeline that epoch would have built."""
+    cfg = config(shards, "dali")
+    with build_loader(cfg, "train", rank=1, world_size=2, seed=3) as loader:
+        list(loader)
+        loader.set_epoch(1)
+        ahead = [(x.clone(), y.clone()) for x, y in loader]
+        assert loader.ahead, "the pass should have used the pipeline built ahead"
+    fresh = epoch(cfg, "train", rank=1, world_size=2, seed=3, at=1)
+    assert all(torch.equal(a, b) for (a, _), b in zip(ahead, fresh[0], strict=True))
+    assert all(torch.equal(a, b) for (_, a), b in zip(ahead, fresh[1], strict=True))
+    with build_loader(cfg, "val") as loader:  # val is not built ahead: it would idle through training
+        list(loader)
+        list(loader)
+        assert not loader.ahead
+    with build_loader(cfg, "train") as loader:  # nor after a pass that was not finished
         next(iter(loader))
         loader.end_pass()
         next(iter(loader))
         assert not loader.ahead
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_close_drops_the_pipeline_built_ahead_and_its_thread(shards):
+    import threading
+
+    with build_loader(config(shards, "dali"), "train") as loader:
+        batches = iter(loader)
+        for _ in range(len(loader)):  # paused after the last batch, as a run stopped there is
+            next(batches)
+        assert loader._next is not None
+        loader.close()
+        assert loader._next is None
+        assert not [t for t in threading.enumerate() if t.name.startswith("dali-next-pass")]
 
 
 OPEN_FILES = """
@@ -460,10 +477,12 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 cfg = DataConfig(root=sys.argv[4], backend=sys.argv[5], image_size=16, eval_size=16, batch_size=4, workers=1)
 try:
     for rank in range(world_size):
-        for split in ("train", "val"):
-            with build_loader(cfg, split, rank=rank, world_size=world_size) as loader:
-                steps = sum(1 for _ in loader)
-    print("ok", steps, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        with build_loader(cfg, "train", rank=rank, world_size=world_size) as train, \\
+                build_loader(cfg, "val", rank=rank, world_size=world_size) as val:
+            for epoch in range(2):
+                train.set_epoch(epoch)
+                steps = sum(1 for _ in train) + sum(1 for _ in val)
+    print("ok", steps, getattr(train, "ahead", None))
 except UserError as e:
     print("error:", e)
 """
@@ -489,14 +508,16 @@ def test_more_shards_than_the_open_file_soft_limit_still_load(many_shards, backe
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    assert run(100, 4096, 1).startswith("ok")
+    assert run(100, 4096, 1) == ("ok 98 True" if backend == "dali" else "ok 98 None")
     assert run(100, 100, 8).startswith("ok")  # ~17 shards per rank
-    if backend == "dali":  # one rank needs all 130 at once: the limit is named, no shard is hashed
+    if backend == "dali":
+        # Room for one pipeline of all 130 shards but not for a second one built ahead: no ahead build.
+        assert run(220, 220, 1) == "ok 98 False"
+        # One rank needs all 130 at once: the limit is named, no shard is hashed.
         message = run(100, 100, 1)
         assert message.startswith(
-            "error: rank 0 reads 130 shard files at once (and as many for the next pass"
+            "error: rank 0 reads 130 shard files at once, beyond the open-file limit (100 soft, 100 hard"
         )
-        assert "beyond the open-file limit (100 soft, 100 hard" in message
         assert "ulimit -n" in message and "--shard-size" in message
 
 

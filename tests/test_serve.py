@@ -149,34 +149,51 @@ def test_an_image_with_more_pixels_than_the_server_takes_is_refused_before_decod
         server.server_close()
 
 
-def test_predictions_beyond_max_concurrent_wait_then_get_503(clf, files, monkeypatch):
-    """One slot: a client that sends its headers and holds back its body holds it; others are told busy."""
+@pytest.fixture
+def one_slot(clf, monkeypatch):
+    """A server that classifies one image at a time and waits 0.1 s for a free slot."""
     import imagenet_ddp.serve as serve
 
-    monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.2)
-    server = make_server(clf, port=0, quiet=True, max_concurrent=1)
+    monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.1)
+    monkeypatch.setattr(serve, "BODY_DEADLINE_S", 1)
+    server = make_server(clf, port=0, quiet=True, max_concurrent=1, max_upload_bytes=50_000_000)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
-    url = f"http://{host}:{port}/api/predict"
+    yield f"http://{host}:{port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_predictions_beyond_max_concurrent_wait_then_get_503(one_slot, files):
+    """One slot: while a large image decodes, another upload is told the server is busy."""
+    noise = np.random.default_rng(2).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    large = jpeg_bytes(Image.fromarray(noise))  # 12 Mpx of noise: a decode and resize of ~100 ms here
+    small = files["cat.jpg"].read_bytes()
+    for _ in range(5):  # the slow one may finish before a poll lands: try again
+        slow = []
+        thread = threading.Thread(target=lambda out=slow: out.append(post(f"{one_slot}/api/predict", large)))
+        thread.start()
+        answers = []
+        while thread.is_alive() and not any(a[0] == 503 for a in answers):
+            answers.append(post(f"{one_slot}/api/predict", small))
+        thread.join()
+        assert slow[0][0] == 200
+        if any(a[0] == 503 for a in answers):
+            break
+    assert (503, {"error": "busy: all 1 prediction slots are taken; try again"}) in answers
+    assert post(f"{one_slot}/api/predict", small)[0] == 200  # the slot is free again
+
+
+def test_an_upload_that_trickles_in_gets_408_and_holds_no_slot(one_slot, files):
+    host, port = one_slot.removeprefix("http://").split(":")
     image = files["cat.jpg"].read_bytes()
-    try:
-        with socket.create_connection((host, port), timeout=30) as slow:
-            head = f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(image)}\r\n\r\n"
-            slow.sendall(head.encode() + image[:10])  # the server now waits for the rest, holding the slot
-            answers = []
-            for _ in range(50):  # until the slow request has taken the slot (a few ms)
-                answers.append(post(url, image))
-                if answers[-1][0] == 503:
-                    break
-            assert answers[-1] == (503, {"error": "busy: all 1 prediction slots are taken; try again"})
-            slow.sendall(image[10:])
-            response = slow.makefile("rb").readline()
-            assert response.split()[1] == b"200"
-        assert post(url, image)[0] == 200  # the slot is free again
-    finally:
-        server.shutdown()
-        server.server_close()
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        head = f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(image)}\r\n\r\n"
+        slow.sendall(head.encode() + image[:10])  # and nothing more: the server's deadline is 1 s
+        assert post(f"{one_slot}/api/predict", image)[0] == 200  # meanwhile the one slot is free
+        response = slow.makefile("rb").read()
+    assert response.split()[1] == b"408" and b"the upload did not arrive within 1 s" in response
 
 
 def test_it_listens_on_localhost_only_and_answers_only_requests_addressed_to_it(clf, url):

@@ -115,6 +115,9 @@ class Batches:
     def close(self):
         pass
 
+    def end_pass(self):
+        pass
+
 
 class NoStop:
     def requested(self, device) -> bool:
@@ -209,6 +212,25 @@ def test_the_skipped_step_is_the_reference_optimizers_skip():
         sgd.step()
     for a, b in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_checkpoint_saved_with_an_unfused_sgd_resumes_and_still_skips_on_the_device():
+    """Checkpoints written before SGD was fused hold groups with fused=False (and, saved before a
+    first step, no momentum): loading them must not turn the optimizer back into one that refuses
+    the device-side skip, nor leave it to read uninitialised momentum."""
+    old = tiny_state(["train.label_smoothing=0"])
+    unfused = torch.optim.SGD(param_groups(old.model, 5e-5, False), lr=0.1, momentum=0.9, nesterov=True)
+    resumed = tiny_state(["train.label_smoothing=0"])
+    resumed.load_state_dict({**old.state_dict(), "optimizer": unfused.state_dict()})
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    bad = (torch.full((4, 3, 6, 6), math.nan), torch.zeros(4, dtype=torch.long))
+    good = (torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))
+    train_step(resumed, [bad])
+    train_step(resumed, [good])
+    train_step(old, [bad])
+    train_step(old, [good])
+    for a, b in zip(resumed.model.parameters(), old.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_too_many_consecutive_non_finite_steps_stop_training_at_the_next_poll():

@@ -20,7 +20,8 @@ Every backend's loader:
   ranks. Batches keep their size; padding samples carry label PAD_LABEL (-100, cross_entropy's
   ignore_index; any negative label works as the test): count real samples as
   (labels >= 0).sum(), and sum that over ranks;
-- close() (or `with`): releases worker processes / DALI pipelines;
+- end_pass(): ends the running pass (its workers or pipeline go; DALI keeps the next epoch's
+  pipeline it builds ahead); close() (or `with`): releases everything;
 - iter_from(k): the epoch's batches from number k on, for a run resumed mid-epoch: the same
   batches as the uninterrupted pass. state_dict() taken after k batches and given back to
   load_state_dict() lets a backend start there without re-reading the first k (DALI restores

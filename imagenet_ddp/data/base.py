@@ -69,11 +69,11 @@ class Loader:
         """A state_dict saved by the same rank of an identically configured run."""
 
     def close(self) -> None:
-        """End the current pass, if any, releasing worker processes or DALI pipelines at once."""
+        """End the current pass, if any, and release everything the loader holds, at once."""
         self.end_pass()
 
     def end_pass(self) -> None:
-        """End the current pass, if any (what close() does unless a backend holds more)."""
+        """End the current pass, if any, releasing its worker processes or DALI pipeline at once."""
         running, self._running = self._running, None
         if running is not None:
             running.close()

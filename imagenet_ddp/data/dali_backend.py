@@ -16,8 +16,8 @@ Epoch order: each pass builds a new pipeline over the epoch's sample stream (the
 shards in the epoch's permutation, rotated) with a seed derived from (seed, epoch, rank); the pass
 stops after exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer` samples) draws only
 from the rank's share, so a train epoch is a permutation of the share less the few samples still in
-the buffer at its end, as with the torch backend. The next pass's pipeline is built in a thread as
-the last batch of a pass is handed out, so its build overlaps validation (or training).
+the buffer at its end, as with the torch backend. The next epoch's train pipeline is built in a
+thread as the last batch of a pass is handed out, so its build overlaps validation.
 """
 
 from __future__ import annotations
@@ -214,11 +214,9 @@ class DaliLoader(Loader):
         self._saved = dict(state) if state else None
 
     def close(self) -> None:
-        """End the current pass; with no pass running, also drop the pipeline built for the next one."""
-        live = self._running is not None and self._running.gi_frame is not None
+        """End the current pass and drop the pipeline built for the next one (end_pass keeps it)."""
         self.end_pass()
-        if not live:
-            self._drop_next()
+        self._drop_next()
 
     def _batches(self, start: int = 0, checkpoint: bytes | None = None):
         lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
@@ -245,7 +243,7 @@ class DaliLoader(Loader):
             for step in range(start, self.steps):
                 images, labels = run()
                 self._done = step + 1
-                if self._done == self.steps:  # the next pass's build overlaps what follows this one
+                if self._done == self.steps and self.train:  # its build overlaps validation
                     self._prepare_next()
                 yield self._to_torch(images, labels, step)
         finally:
@@ -272,10 +270,12 @@ class DaliLoader(Loader):
         return lambda: self._guarded(lambda: pipe.run(stream) if stream is not None else pipe.run(), paths)
 
     def _prepare_next(self) -> None:
-        epoch = self.epoch + 1 if self.train else self.epoch
-        args, key = self._pipeline_args(epoch)
+        """Build the next epoch's train pipeline in a thread, if the open-file limit leaves room for
+        it beside the running one (it is an optimization: without room, it is built when asked)."""
+        args, key = self._pipeline_args(self.epoch + 1)
         self._drop_next()
-        _allow_open_files(len(args["paths"]), self.rank)
+        if not _allow_open_files(len(args["paths"]), self.rank, strict=False):
+            return
         self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-pass")
         self._next = key, self._builder.submit(_built, args, None)
 
@@ -375,26 +375,28 @@ _RESOURCE_ERRORS = (
 )
 
 
-def _allow_open_files(files: int, rank: int) -> None:
-    """Make room for `files` shard descriptors (DALI keeps each shard of the pass open): raise the soft
-    open-file limit towards the hard one, or say at once which limit is too low."""
+def _allow_open_files(files: int, rank: int, strict: bool = True) -> bool:
+    """Make room for `files` more descriptors (DALI keeps each shard of a pipeline open): raise the
+    soft open-file limit towards the hard one. Where the hard limit is too low: a one-line error when
+    `strict`, else False."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
         in_use = 64
-    # The pass's shards, as many for the pass built ahead at the same time, and some headroom.
-    needed = in_use + 2 * files + 32
+    needed = in_use + files + 32  # headroom for what the process opens meanwhile (logs, sockets)
     if needed <= soft:
-        return
+        return True
     if hard != resource.RLIM_INFINITY and needed > hard:
+        if not strict:
+            return False
         raise UserError(
-            f"rank {rank} reads {files} shard files at once (and as many for the next pass, built ahead): "
-            f"beyond the open-file limit ({soft} soft, {hard} hard, {in_use} in use): raise it (`ulimit -n "
-            f"{needed}`; under SLURM, the nodes' limits.conf or --propagate=NOFILE), run more ranks, or pack "
-            "larger shards (make_shards.py --shard-size)"
+            f"rank {rank} reads {files} shard files at once, beyond the open-file limit ({soft} soft, "
+            f"{hard} hard, {in_use} in use): raise it (`ulimit -n {needed}`; under SLURM, the nodes' "
+            "limits.conf or --propagate=NOFILE), run more ranks, or pack larger shards (make_shards.py --shard-size)"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+    return True
 
 
 def _write_index_range(shard: Shard, start: int, stop: int, path: str) -> None:
