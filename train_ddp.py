@@ -38,6 +38,7 @@ def train(cfg, env, stop) -> int:
     from imagenet_ddp.data import build_loader
     from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier
     from imagenet_ddp.engine import evaluate, make_state, seed_everything, train_one_epoch
+    from imagenet_ddp.finetune import init_from
     from imagenet_ddp.models import architecture, build_model
     from imagenet_ddp.tracking import make_tracker
 
@@ -55,8 +56,12 @@ def train(cfg, env, stop) -> int:
     cfg = resolve(cfg, env.world_size, env.device.type, len(train_loader))
     m = cfg.model
     arch = architecture(m.name, train_loader.num_classes, m.small_input, m.zero_init_residual)
-    state = make_state(build_model(**arch), cfg, env)
-    ckpt = found[0] if found else None
+    model, ckpt = build_model(**arch), found[0] if found else None
+    # Weights to start from: before anything is written (a bad source is a one-line error), and
+    # not when resuming (the checkpoint has the weights, and records where they came from).
+    origin = init_from(model, m.name, m.init_from, train_loader.classes) if m.init_from and not ckpt else None
+    origin = ckpt.get("init_from") if ckpt else origin
+    state = make_state(model, cfg, env)
     if ckpt is not None:
         if ckpt["architecture"] != arch:
             raise UserError(
@@ -73,6 +78,8 @@ def train(cfg, env, stop) -> int:
         f"{d.global_batch_size} per step, lr {d.lr:.4g}, {d.precision}, {d.steps_per_epoch} steps x "
         f"{cfg.train.epochs} epochs, {env.device.type}; run folder {cfg.run.dir}"
     )
+    if origin:
+        tracker.info(f"weights from {origin['source']}: classifier head {origin['head']}")
     if cfg.train.ema_decay:
         half_life = math.log(0.5) / math.log(d.ema_decay) / d.steps_per_epoch
         tracker.info(f"EMA decay {d.ema_decay:.6g} per step: half-life {half_life:.3g} epochs")
@@ -90,6 +97,7 @@ def train(cfg, env, stop) -> int:
         ),
         "config": to_dict(cfg),
         "world_size": env.world_size,
+        "init_from": origin,
     }
     metrics = ckpt.get("metrics") if ckpt else None
     unsaved: list[str] = []  # why the newest save failed, until one succeeds (rank 0 only)

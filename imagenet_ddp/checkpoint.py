@@ -24,6 +24,8 @@ weights_only=True)` reads it and predict.py needs nothing else:
     ranks           per rank: {"rng": RNG states, "epoch_totals": [loss sum, correct, samples],
                     "loader": the train loader's state_dict (DALI: its reader checkpoint, ~500 bytes)}
     weights_sha256  per rank: sha256 of the parameters (all equal: the replicas agree)
+    init_from       where the starting weights came from ({"source", "sha256", "head", "head_rows_loaded"}),
+                    or None for random initialisation
 """
 
 from __future__ import annotations

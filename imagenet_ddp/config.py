@@ -58,6 +58,10 @@ class ModelConfig:
     name: str = "resnet50"  # a torchvision.models name, see models.MODELS
     small_input: bool = False  # stem for 32-64 px inputs: 3x3 stride-1 first conv, no max-pool
     zero_init_residual: bool = True  # ResNets: last BN of each block starts at 0 (Goyal et al. 2017)
+    # Start from weights (imagenet_ddp/finetune.py): a checkpoint of this project, a state_dict file,
+    # or torchvision:<Weights>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2); None: random.
+    init_from: str | None = None
+    freeze: str = "none"  # none | backbone | a stage (ResNet: stem, layer1..4): frozen up to it, BN in eval
 
 
 @dataclass
@@ -85,6 +89,7 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-5
     wd_on_norm_and_bias: bool = False
+    backbone_lr_mult: float = 1.0  # the backbone's LR as a fraction of the head's (fine-tuning)
     warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
     warmup_start_factor: float = 0.1
     min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
@@ -359,6 +364,7 @@ def validate(cfg: Config) -> Config:
         (o.lr > 0, "optim.lr must be > 0"),
         (o.ref_batch_size >= 0, "optim.ref_batch_size must be >= 0 (0: no scaling)"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be > 0 (freeze with model.freeze instead)"),
         (cfg.run.keep_last >= 0, "run.keep_last must be >= 0"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: at epoch ends only)"),
         (cfg.run.timeout_s > 0, "run.timeout_s must be > 0"),
@@ -369,10 +375,12 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     loader_config(cfg)
+    from imagenet_ddp.finetune import check_freeze
     from imagenet_ddp.models import architecture
 
     try:
         architecture(cfg.model.name, 1)
+        check_freeze(cfg.model.name, cfg.model.freeze)
     except UserError as e:
         raise ConfigError(str(e)) from None
     return cfg

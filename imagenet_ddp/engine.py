@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -25,6 +25,7 @@ from imagenet_ddp.checkpoint import rng_state, set_rng_state, unwrap
 from imagenet_ddp.config import Config
 from imagenet_ddp.dist import DistEnv, StopSignal, all_reduce_sum, broadcast_buffers
 from imagenet_ddp.errors import UserError
+from imagenet_ddp.finetune import freeze, head_name
 from imagenet_ddp.models import deterministic_pooling
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +118,7 @@ class TrainState:
     grad_clip: float = 0.0
     ema: Ema | None = None
     buffers: BufferGuard | None = None  # put back after a skipped step
+    frozen_norms: list[nn.Module] = field(default_factory=list)  # stay in eval mode (model.freeze)
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (0-based)
     batch_in_epoch: int = 0  # batches of `epoch` consumed: the loader position
@@ -202,14 +204,30 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    head: nn.Module | None = None,
+    backbone_lr_mult: float = 1.0,
+) -> list[dict]:
     """Weight decay on weights of convolutions and linear layers only: decaying BatchNorm scales and
-    biases hurts accuracy (Goyal et al. 2017; NVIDIA's and timm's recipes)."""
-    decay, no_decay = [], []
+    biases hurts accuracy (Goyal et al. 2017; NVIDIA's and timm's recipes). With a backbone_lr_mult
+    other than 1, the parameters outside `head` get that fraction of the LR (`lr_mult`)."""
+    split = head is not None and backbone_lr_mult != 1.0
+    in_head = {id(p) for p in head.parameters()} if split else set()
+    groups: dict[tuple[bool, float], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decayed = p.ndim > 1 or decay_norm_and_bias
+            mult = 1.0 if not split or id(p) in in_head else backbone_lr_mult
+            groups.setdefault((decayed, mult), []).append(p)
+    order = [(True, 1.0), (False, 1.0), (True, backbone_lr_mult), (False, backbone_lr_mult)]
+    return [
+        {"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "lr_mult": key[1]}
+        for key in dict.fromkeys(order)
+        if key in groups or key[1] == 1.0
+    ]
 
 
 def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
@@ -217,13 +235,15 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     t, o, d = cfg.train, cfg.optim, cfg.derived
     if t.deterministic:
         deterministic_pooling(model)
+    frozen_norms = freeze(model, cfg.model.name, cfg.model.freeze)  # before DDP: it skips frozen ones
     model = model.to(
         env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
     )
     # Fused: one kernel for all parameters, and it skips a non-finite step on the device (torch has
     # the kernel for CPUs and CUDA; it checks the device only at the first step).
+    head = model.get_submodule(head_name(cfg.model.name)) if o.backbone_lr_mult != 1.0 else None
     optimizer = torch.optim.SGD(
-        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias),
+        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias, head, o.backbone_lr_mult),
         lr=d.lr,
         momentum=o.momentum,
         nesterov=o.nesterov,
@@ -257,6 +277,7 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
         grad_clip=t.grad_clip,
         ema=ema,
         buffers=BufferGuard(model),
+        frozen_norms=frozen_norms,
     )
 
 
@@ -275,7 +296,7 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
     [loss sum, correct, samples] of this rank; reading it is left to the caller (a sync)."""
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     for group in optimizer.param_groups:
-        group["lr"] = state.schedule(state.step)
+        group["lr"] = state.schedule(state.step) * group.get("lr_mult", 1.0)
     if state.buffers is not None:
         state.buffers.save()
     totals = torch.zeros(3, device=state.device)
@@ -349,6 +370,8 @@ def train_one_epoch(
     poll_every = cfg.run.poll_every
     global_batch = cfg.derived.global_batch_size
     state.model.train()
+    for norm in state.frozen_norms:
+        norm.eval()  # a frozen stage keeps the statistics it was loaded with
     steps = len(loader) // accum
     # Stopped after the epoch's last step (before validation): nothing to read. Stopped mid-epoch:
     # the loader continues the epoch's order after the batches already trained on.
