@@ -248,3 +248,46 @@ def test_fine_tuning_from_a_trained_model_beats_training_from_scratch(target, tm
     record = ck.load(root / "tuned" / "last.pt")["init_from"]
     assert record["source"] == str(best) and record["head_rows_loaded"] == 2
     assert not math.isnan(fine[-1]["train_loss"])
+
+
+def test_the_tiny_imagenet_fine_tune_recipe_starts_every_class_from_its_imagenet_row(
+    tmp_path, monkeypatch, capsys
+):
+    """The recipe on the bundled Tiny ImageNet sample (real wnids), sizes cut down, from a stand-in for
+    torchvision's file in TORCH_HOME: every class is an ImageNet class, so every head row is copied."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    (tmp_path / "torch-home" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(
+        build_model("resnet18", num_classes=1000).state_dict(),
+        tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth",
+    )
+    args = [
+        "tiny-imagenet",
+        "--src",
+        "data/tiny-imagenet-demo",
+        "--out",
+        str(tmp_path / "shards"),
+        "--workers",
+        "1",
+    ]
+    assert make_shards.main(args) == 0
+    overrides = [
+        f"data.root={tmp_path / 'shards'}",
+        "data.backend=torch",
+        "data.workers=0",
+        "data.image_size=32",
+        "data.eval_size=32",
+    ]
+    overrides += [
+        "train.epochs=1",
+        "train.batch_size=32",
+        "train.precision=fp32",
+        "train.channels_last=false",
+    ]
+    overrides += [f"run.dir={tmp_path / 'run'}", "logging.wandb=false", "run.checkpoint_every=2"]
+    cmd = ["--config", "configs/tiny_imagenet_resnet18_finetune.yaml", *overrides]
+    assert train_ddp.main(cmd) == 0
+    record = ck.load(tmp_path / "run" / "last.pt")["init_from"]
+    classes = ck.load(tmp_path / "run" / "last.pt")["classes"]
+    assert record["source"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert record["head_rows_loaded"] == len(classes) > 1 and all(c.startswith("n") for c in classes)
