@@ -12,14 +12,15 @@ DEMO_OUT := shards/demo
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dali,dev,demo]'
+	$(PY) -m pip install -q -e '.[dali,dev,demo,export]'
 	touch $@
 
 install: $(VENV)/.installed
 
 # The main job end to end on a real dataset that ships offline (scikit-learn's digits): write it as
 # JPEG folders, pack and verify shards, train on 2 CPU processes (torchrun + gloo, DALI CPU, W&B
-# offline without a key), classify the held-out test digits and re-evaluate the checkpoint. Then pack
+# offline without a key), classify the held-out test digits, re-evaluate the checkpoint, export it to
+# ONNX and classify the test digits again on onnxruntime. Then pack
 # the bundled Tiny ImageNet-layout sample, whose val labels only its annotation file gives.
 demo: install
 	$(PY) -m imagenet_ddp.demo_data --out $(DEMO_SRC)
@@ -28,6 +29,8 @@ demo: install
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train_ddp.py --config configs/demo.yaml
 	$(PY) predict.py --checkpoint runs/demo/best.pt $(DEMO_SRC)/test --topk 3 --lang es
 	$(PY) predict.py --checkpoint runs/demo/best.pt --evaluate $(DEMO_OUT)/val
+	$(PY) predict.py --checkpoint runs/demo/best.pt --export runs/demo/model.onnx
+	$(PY) predict.py --model runs/demo/model.onnx $(DEMO_SRC)/test --topk 1 --lang es --format csv
 	$(PY) make_shards.py tiny-imagenet --src $(TINY_SAMPLE) --out shards/tiny-sample --shard-size 250
 	$(PY) make_shards.py verify shards/tiny-sample/train shards/tiny-sample/val
 

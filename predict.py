@@ -5,6 +5,8 @@
     find photos -name '*.jpg' | python predict.py --checkpoint runs/demo/best.pt - --format jsonl
     python predict.py --checkpoint runs/demo/best.pt --evaluate shards/demo/val
     python predict.py --checkpoint runs/demo/best.pt --serve --port 8000     # http://127.0.0.1:8000/
+    python predict.py --checkpoint runs/demo/best.pt --export model.onnx     # for apps (onnxruntime)
+    python predict.py --model model.onnx photo.jpg --lang es                  # the same, on onnxruntime
 
 The checkpoint alone is enough (read with weights_only=True: a checkpoint cannot run code).
 Per image: the top-k classes with class index, wnid, English name, name in --lang, probability.
@@ -30,7 +32,10 @@ def parse_args(argv):
     p.add_argument(
         "images", nargs="*", metavar="IMAGE", help="files, directories, globs; - reads them from stdin"
     )
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by train_ddp.py (e.g. best.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a .pt file written by train_ddp.py (e.g. best.pt)")
+    source.add_argument("--model", help="an .onnx file written by --export: runs on onnxruntime")
+    p.add_argument("--export", metavar="ONNX", help="write the checkpoint's model as ONNX for apps")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--lang", default="en", help="language of the class names: en, es, fr, de, it, pt")
     p.add_argument(
@@ -59,9 +64,11 @@ def parse_args(argv):
     p.add_argument("--max-megapixels", type=float, default=50.0, help="--serve: largest accepted image")
     p.add_argument("--max-concurrent", type=int, default=4, help="--serve: images decoded at once")
     args = p.parse_args(argv)
-    modes = bool(args.images) + bool(args.evaluate) + args.serve
+    modes = bool(args.images) + bool(args.evaluate) + args.serve + bool(args.export)
     if modes != 1:
-        p.error("give images to classify, or --evaluate SPLIT_DIR, or --serve (one of them)")
+        p.error("give images to classify, or --evaluate SPLIT_DIR, --serve or --export ONNX (one of them)")
+    if args.model and (args.evaluate or args.export or args.ema):
+        p.error("--evaluate, --export and --ema need --checkpoint")
     if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
         p.error("--topk and --batch-size must be at least 1, --workers at least 0")
     return args
@@ -145,14 +152,38 @@ def evaluate(clf, args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from pathlib import Path
+
+    from imagenet_ddp.export import export_onnx
+    from imagenet_ddp.inference import Classifier
+    from imagenet_ddp.shards import file_sha256
+
+    clf = Classifier.from_checkpoint(args.checkpoint, device="cpu", precision="fp32", ema=args.ema)
+    source = {"checkpoint": args.checkpoint, "weights": "ema" if args.ema else "model"}
+    meta = export_onnx(clf, args.export, {**source, "sha256": file_sha256(Path(args.checkpoint))})
+    print(
+        f"wrote {args.export}: {meta['architecture']['name']}, {len(meta['classes'])} classes, input uint8 "
+        f"[N, 3, {clf.crop}, {clf.crop}] after resize {clf.resize} + centre crop; names in {', '.join(meta['names'])}"
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from imagenet_ddp.inference import Classifier
+        if args.export:
+            return export(args)
+        if args.model:
+            from imagenet_ddp.export import OnnxClassifier
 
-        clf = Classifier.from_checkpoint(
-            args.checkpoint, device=args.device, precision=args.precision, ema=args.ema
-        )
+            clf = OnnxClassifier(args.model)
+        else:
+            from imagenet_ddp.inference import Classifier
+
+            clf = Classifier.from_checkpoint(
+                args.checkpoint, device=args.device, precision=args.precision, ema=args.ema
+            )
         clf.class_info(args.lang)  # an unknown language is an error before any work
         if args.evaluate:
             return evaluate(clf, args)

@@ -17,7 +17,6 @@ fresh head. Knows nothing about ranks: every rank reads the same file and gets t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
@@ -28,6 +27,7 @@ from torch import nn
 
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.models import EFFICIENTNETS, RESNETS
+from imagenet_ddp.shards import file_sha256
 
 TORCHVISION = "torchvision:"
 DOWNLOAD_TIMEOUT_S = 30
@@ -85,7 +85,7 @@ def read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None,
     path = Path(source)
     if not path.is_file():
         raise UserError(f"model.init_from {source}: no such file (or torchvision:<Weights>.<NAME>)")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged, not a torch file, or code that weights_only refuses to run
@@ -208,11 +208,3 @@ def _download(url: str, path: Path, name: str) -> None:
 
 def _is_state_dict(data) -> bool:
     return isinstance(data, dict) and bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

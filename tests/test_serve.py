@@ -322,3 +322,39 @@ def test_an_oversize_file_and_a_non_image_get_a_clear_message(browser, url, file
     pick(browser, files["notes.txt"])
     assert status_after(browser, "not an image") == "notes.txt: not an image (unrecognized format)"
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+@pytest.fixture(scope="module")
+def onnx_url(tmp_path_factory):
+    """The page serving an exported model on onnxruntime (predict.py --model model.onnx --serve)."""
+    import predict
+    from imagenet_ddp.export import OnnxClassifier
+
+    folder = tmp_path_factory.mktemp("onnx")
+    ckpt = make_checkpoint(folder / "best.pt")
+    assert predict.main(["--checkpoint", str(ckpt), "--export", str(folder / "model.onnx")]) == 0
+    server = make_server(OnnxClassifier(folder / "model.onnx"), port=0, quiet=True, lang="es")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield f"http://{host}:{port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_the_page_serves_an_exported_model_on_onnxruntime(browser, onnx_url, files):
+    from selenium.webdriver.common.by import By
+
+    with urllib.request.urlopen(f"{onnx_url}/api/info", timeout=30) as response:
+        info = json.loads(response.read())
+    assert info["model"] == "resnet18" and info["num_classes"] == len(WNIDS)
+    browser.get(f"{onnx_url}/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#lang option"))
+    pick(browser, files["cat.jpg"])
+    wait_for(browser, lambda d: d.find_element(By.ID, "result").is_displayed())
+    _, expected = post(f"{onnx_url}/api/predict?lang=es", files["cat.jpg"].read_bytes())
+    spanish = imagenet_names("es")
+    assert shown_labels(browser) == [(t["wnid"], spanish[t["wnid"]]) for t in expected["top"]]
+    status, body = post(f"{onnx_url}/api/predict", files["notes.txt"].read_bytes())
+    assert status == 415 and body["error"] == "not an image (unrecognized format)"

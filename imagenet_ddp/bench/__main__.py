@@ -1,9 +1,9 @@
-"""python -m imagenet_ddp.bench {shards,loaders,gpu} [options]"""
+"""python -m imagenet_ddp.bench {shards,loaders,gpu,predict} [options]"""
 
 import importlib
 import sys
 
-BENCHES = ("shards", "loaders", "gpu")
+BENCHES = ("shards", "loaders", "gpu", "predict")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
