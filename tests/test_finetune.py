@@ -26,6 +26,7 @@ from imagenet_ddp.labels import imagenet_names
 from imagenet_ddp.models import build_model
 from imagenet_ddp.synth import jpeg_bytes, synth_image
 from imagenet_ddp.tracking import NullTracker
+from tests.test_train import Batches, NoStop, small_run
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 STYLES = 12  # class looks to draw from: a class name keeps its look in every fixture
@@ -109,24 +110,7 @@ def target(tmp_path_factory) -> Path:
 
 
 def run_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.root={shards}",
-        "data.backend=torch",
-        "data.workers=0",
-        "data.image_size=32",
-        "data.eval_size=32",
-        "model.name=resnet18",
-        "train.batch_size=8",
-        "train.precision=fp32",
-        "train.channels_last=false",
-        "optim.lr=0.1",
-        "optim.ref_batch_size=0",
-        "optim.warmup_epochs=0",
-        f"run.dir={run_dir}",
-        "logging.wandb=false",
-        "logging.log_every=100",
-        *extra,
-    ]
+    return small_run(shards, run_dir, "optim.warmup_epochs=0", "logging.log_every=100", *extra)
 
 
 def one_line_error(capsys, args: list[str]) -> str:
@@ -173,27 +157,12 @@ def tiny_run_state(overrides: list[str]):
     return make_state(model, cfg, CPU), cfg
 
 
-class Batches(list):
-    restored = False
-
-    def iter_from(self, batch):
-        return iter(self[batch:])
-
-    def end_pass(self):
-        pass
-
-
-class NoStop:
-    def requested(self, device) -> bool:
-        return False
-
-
 def test_frozen_stages_keep_their_weights_and_batchnorm_statistics(tmp_path):
     state, cfg = tiny_run_state(["model.name=resnet18", "model.freeze=layer2", "logging.log_every=100"])
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     batches = Batches(
-        (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)
+        [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
     )
     train_one_epoch(state, batches, cfg, NullTracker(), NoStop(), save=lambda: None)
     after = state.model.state_dict()
@@ -210,7 +179,7 @@ def test_the_backbone_learns_at_a_fraction_of_the_heads_rate():
     state, cfg = tiny_run_state(["model.name=resnet18", "optim.backbone_lr_mult=0.1", "optim.lr=0.4"])
     g = torch.Generator().manual_seed(0)
     batches = Batches(
-        (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)
+        [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
     )
     train_one_epoch(state, batches, cfg, NullTracker(), NoStop(), save=lambda: None)
     head = {id(p) for p in state.model.fc.parameters()}

@@ -10,6 +10,7 @@ python -m pytest tests/test_serve.py -q
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -42,16 +43,24 @@ def clf(tmp_path_factory) -> Classifier:
     )
 
 
-@pytest.fixture(scope="module")
-def url(clf):
-    server = make_server(clf, port=0, quiet=True, lang="es", max_upload_bytes=LIMIT)
+@contextlib.contextmanager
+def serving(server):
+    """`server` answering in a thread, at the yielded base URL, until the block ends."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def url(clf):
+    with serving(make_server(clf, port=0, quiet=True, lang="es", max_upload_bytes=LIMIT)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +165,8 @@ def one_slot(clf, monkeypatch):
 
     monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.1)
     monkeypatch.setattr(serve, "BODY_DEADLINE_S", 1)
-    server = make_server(clf, port=0, quiet=True, max_concurrent=1, max_upload_bytes=50_000_000)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
+    with serving(make_server(clf, port=0, quiet=True, max_concurrent=1, max_upload_bytes=50_000_000)) as base:
+        yield base
 
 
 def test_predictions_beyond_max_concurrent_wait_then_get_503(one_slot, files):
@@ -333,14 +337,8 @@ def onnx_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     ckpt = make_checkpoint(folder / "best.pt")
     assert predict.main(["--checkpoint", str(ckpt), "--export", str(folder / "model.onnx")]) == 0
-    server = make_server(OnnxClassifier(folder / "model.onnx"), port=0, quiet=True, lang="es")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(make_server(OnnxClassifier(folder / "model.onnx"), port=0, quiet=True, lang="es")) as base:
+        yield base
 
 
 def test_the_page_serves_an_exported_model_on_onnxruntime(browser, onnx_url, files):

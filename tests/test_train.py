@@ -164,11 +164,8 @@ def test_two_accumulated_micro_batches_make_the_same_step_as_one_batch_of_both()
     assert totals[2].item() == 8 and one.step == two.step == 1
 
 
-def test_a_non_finite_step_leaves_weights_momentum_batchnorm_statistics_and_ema_as_they_were():
-    """The forward pass of a NaN batch has already moved BatchNorm's running statistics when the step
-    is skipped: they are put back, as are the weights, the momentum and the EMA (no host sync)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
+def bn_model() -> nn.Module:
+    return nn.Sequential(
         nn.Conv2d(3, 4, 3),
         nn.BatchNorm2d(4),
         nn.ReLU(),
@@ -176,6 +173,13 @@ def test_a_non_finite_step_leaves_weights_momentum_batchnorm_statistics_and_ema_
         nn.Flatten(),
         nn.Linear(4, 4),
     )
+
+
+def test_a_non_finite_step_leaves_weights_momentum_batchnorm_statistics_and_ema_as_they_were():
+    """The forward pass of a NaN batch has already moved BatchNorm's running statistics when the step
+    is skipped: they are put back, as are the weights, the momentum and the EMA (no host sync)."""
+    torch.manual_seed(0)
+    model = bn_model()
     cfg = load_config(None, ["train.precision=bf16", "train.channels_last=false", "train.ema_decay=0.9"])
     state = make_state(model, resolve(cfg, 1, "cpu", batches_per_epoch=8), CPU)
     good = (torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 3]))
@@ -294,14 +298,7 @@ class HostReads:
 def test_a_training_step_reads_nothing_back_from_the_device(precision, monkeypatch):
     """No per-step sync: the skip decision for NaN/Inf, the EMA, the BatchNorm guard stay on the device."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 4),
-    )
+    model = bn_model()
     overrides = [f"train.precision={precision}", "train.channels_last=false", "train.ema_decay=0.9"]
     state = make_state(model, resolve(load_config(None, overrides), 1, "cpu", 8), CPU)
     batches = [
