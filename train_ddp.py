@@ -40,7 +40,7 @@ def train(cfg, env, stop) -> int:
     from imagenet_ddp.engine import evaluate, make_state, seed_everything, train_one_epoch
     from imagenet_ddp.finetune import init_from
     from imagenet_ddp.models import architecture, build_model
-    from imagenet_ddp.tracking import make_tracker
+    from imagenet_ddp.tracking import make_tracker, run_facts
 
     ckpts = ck.CheckpointDir(cfg.run.dir, cfg.run.keep_last, writer=env.is_main)
     found = ck.CheckpointDir(cfg.run.dir).load_latest() if cfg.run.resume else None
@@ -68,7 +68,8 @@ def train(cfg, env, stop) -> int:
                 f"{found[1]} holds a {ckpt['architecture']} model, not {arch}: choose another run.dir"
             )
         state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
-    tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None)
+    facts = run_facts(env.device, train_loader, val_loader, data.root) if env.is_main else None
+    tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None, facts)
     tracker.write_config(dump_yaml(cfg))
     d = cfg.derived
     tracker.info(

@@ -116,6 +116,7 @@ class LoggingConfig:
     wandb_tags: list[str] = field(default_factory=list)
     wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: online if a key is set, else offline
     wandb_init_timeout: float = 15.0  # online init timeout (wandb may retry 2-4x this); then offline
+    wandb_checkpoints: bool = False  # also log best.pt as a W&B artifact at the end of the run
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Derived:
     warmup_steps: int = 0
     ema_decay: float = 0.0  # train.ema_decay per optimizer step of global_batch_size images
     eval_resize: int = 0  # evaluation: shorter side resized to this, then centre crop data.eval_size
+    recipe: str = ""  # the --config file the run was started from ("": the defaults)
+    overrides: list[str] = field(default_factory=list)  # the section.key=value given on top of it
 
 
 @dataclass
@@ -310,8 +313,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        # A resolved config.yaml of a run carries `derived`: accepted for re-use and recomputed.
-        _build(data, source, lines, allow_derived=True)
+        # A resolved config.yaml of a run carries `derived`: accepted for re-use and recomputed (but
+        # it still names the recipe the run came from).
+        recorded = _build(data, source, lines, allow_derived=True).derived
         data.pop("derived", None)
     schema = _fields(Config)
     for text in overrides:
@@ -320,7 +324,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             data[section] = {}
         data[section][key] = value
         lines.pop(f"{section}.{key}", None)
-    return _build(data, source, lines, allow_derived=False)
+    cfg = _build(data, source, lines, allow_derived=False)
+    if path is not None:
+        cfg.derived.recipe = recorded.recipe or str(path)
+        cfg.derived.overrides = [*recorded.overrides, *overrides] if recorded.recipe else list(overrides)
+    else:
+        cfg.derived.overrides = list(overrides)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -417,8 +427,20 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
         if t.ema_ref_batch_size
         else t.ema_decay,
         eval_resize=eval_resize_size(cfg.data.eval_size, cfg.data.eval_crop_ratio),
+        recipe=cfg.derived.recipe,
+        overrides=list(cfg.derived.overrides),
     )
     return dataclasses.replace(cfg, derived=derived)
+
+
+def run_label(cfg: Config) -> str:
+    """The recipe's name and the overrides that change the experiment (not where it runs or logs):
+    `demo optim.lr=0.4`, what W&B shows as the run name."""
+    stem = Path(cfg.derived.recipe).stem if cfg.derived.recipe else "defaults"
+    if stem == "config" and cfg.derived.recipe:  # restarted from a run folder's config.yaml
+        stem = Path(cfg.derived.recipe).parent.name
+    changes = [o for o in cfg.derived.overrides if not o.startswith(("run.", "logging."))]
+    return " ".join([stem, *changes])
 
 
 # Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): SGD with linear LR scaling and warmup matched

@@ -10,6 +10,13 @@ W&B never hangs and never stops training: without an API key it logs offline at 
 no network the online init gives up after `logging.wandb_init_timeout` s and it logs offline; if even
 that fails, training goes on without W&B. Each case is said in one line. A resumed run continues the
 same W&B run (its id is stored in the checkpoint).
+
+Arranged for comparing runs: the W&B run is named after the recipe and the overrides that change it
+(config.run_label), grouped by recipe, its config is the flattened config plus what the run found
+(`env.*`, `data.*`: device, git commit, the dataset manifest's digest and sizes); epoch metrics have
+the epoch, images seen and training hours as x-axes, and the summary holds the best and last val
+top-1/top-5 (EMA too). run.dir/status.json says whether the run is running, finished, stopped for
+a requeue or crashed (python -m imagenet_ddp.runs reads it).
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from imagenet_ddp.config import Config, flat
+from imagenet_ddp.config import Config, flat, run_label
+
+# W&B summary keys: the best and the last value of each, over the epochs.
+SUMMARY_METRICS = ("val_top1", "val_top5", "val_top1_ema", "val_top5_ema")
 
 
 class NullTracker:
@@ -56,17 +66,46 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    def __init__(self, cfg: Config, resume_step: int | None = None, wandb_run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        resume_step: int | None = None,
+        wandb_run_id: str | None = None,
+        facts: dict | None = None,
+    ):
         self.cfg = cfg
         self.dir = Path(cfg.run.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self._trim_metrics(resume_step or 0)
+        self.hours = sum(r.get("epoch_seconds", 0.0) for r in self._records()) / 3600
         self.bar = None
         self.tty = sys.stdout.isatty()
         self.epochs = cfg.train.epochs
-        self.wandb = _init_wandb(cfg, wandb_run_id, self.info) if cfg.logging.wandb else None
+        self.step = resume_step or 0
+        self._status("running")
+        self.wandb = _init_wandb(cfg, wandb_run_id, self.info, facts or {}) if cfg.logging.wandb else None
         self.wandb_run_id = self.wandb.id if self.wandb else wandb_run_id
+
+    def _records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+
+    def _status(self, state: str) -> None:
+        """run.dir/status.json: running, finished, stopped (for a requeue) or crashed, and where."""
+        done = self._records()
+        status = {
+            "state": state,
+            "epoch": done[-1]["epoch"] if done else 0,
+            "epochs": self.epochs,
+            "step": self.step,
+            "updated": round(time.time(), 3),
+            "pid": os.getpid(),
+        }
+        tmp = self.dir / ".status.json.tmp"
+        tmp.write_text(json.dumps(status) + "\n")
+        os.replace(tmp, self.dir / "status.json")
 
     def _trim_metrics(self, resume_step: int) -> None:
         """Keep only the lines up to the checkpoint we start from: a restart rewrites what came after."""
@@ -127,9 +166,18 @@ class Tracker(NullTracker):
 
     def log_epoch(self, metrics: dict) -> None:
         """One line of metrics.jsonl (`epoch` counts completed epochs from 1), the console, W&B."""
-        record = {**metrics, "time": round(time.time(), 3)}
+        self.hours += metrics["epoch_seconds"] / 3600
+        seen = metrics["step"] * self.cfg.derived.global_batch_size
+        record = {
+            **metrics,
+            "images_seen": seen,
+            "hours": round(self.hours, 6),
+            "time": round(time.time(), 3),
+        }
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.step = metrics["step"]
+        self._status("running")
         val = (
             f" | val top-1 {metrics['val_top1']:.2%} top-5 {metrics['val_top5']:.2%}"
             if "val_top1" in metrics
@@ -141,12 +189,22 @@ class Tracker(NullTracker):
             f"{metrics['epoch_seconds']:.1f} s"
         )
         if self.wandb:
-            self.wandb.log({f"epoch/{k}": v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+            logged = {k: v for k, v in record.items() if k not in ("step", "time")}
+            self.wandb.log({f"epoch/{k}": v for k, v in logged.items()}, step=metrics["step"])
 
     def close(self, preempted: bool = False, failed: bool = False) -> None:
         self.end_epoch()
+        self._status("crashed" if failed else "stopped" if preempted else "finished")
         if self.wandb:
             run, self.wandb = self.wandb, None
+            records = self._records()
+            for key in SUMMARY_METRICS:
+                values = [r[key] for r in records if key in r]
+                if values:
+                    run.summary[f"best/{key}"], run.summary[f"final/{key}"] = max(values), values[-1]
+            best = self.dir / "best.pt"
+            if self.cfg.logging.wandb_checkpoints and not failed and best.exists():
+                _log_checkpoint(run, best)
             if preempted:
                 run.mark_preempting()
             offline = run.settings.mode == "offline"
@@ -158,12 +216,75 @@ class Tracker(NullTracker):
 
 
 def make_tracker(
-    cfg: Config, is_main: bool, resume_step: int | None = None, wandb_run_id: str | None = None
+    cfg: Config,
+    is_main: bool,
+    resume_step: int | None = None,
+    wandb_run_id: str | None = None,
+    facts: dict | None = None,
 ) -> NullTracker:
-    return Tracker(cfg, resume_step, wandb_run_id) if is_main else NullTracker()
+    """`facts`: what the run found, for W&B's config (run_facts)."""
+    return Tracker(cfg, resume_step, wandb_run_id, facts) if is_main else NullTracker()
 
 
-def _init_wandb(cfg: Config, run_id: str | None, say):
+def run_facts(device, train_loader, val_loader, data_root: str) -> dict:
+    """What the config does not say and a comparison needs: the device, the code, the data."""
+    import subprocess
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = (
+            [
+                ln.split(":", 1)[1].strip()
+                for ln in cpuinfo.read_text().splitlines()
+                if ln.startswith("model name")
+            ]
+            if cpuinfo.exists()
+            else []
+        )
+        name = models[0] if models else "cpu"
+    try:
+        top = Path(__file__).resolve().parent.parent
+        git = subprocess.run(
+            ["git", "-C", str(top), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        commit = git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    manifest = Path(data_root) / "train" / "manifest.json"
+    from imagenet_ddp.shards import file_sha256
+
+    return {
+        "env.device": name,
+        "env.git_commit": commit,
+        "data.manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
+        "data.train_samples": train_loader.num_samples,
+        "data.val_samples": val_loader.num_samples,
+        "data.num_classes": train_loader.num_classes,
+    }
+
+
+def _log_checkpoint(run, path: Path) -> None:
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"file": path.name})
+    artifact.add_file(str(path))
+    run.log_artifact(artifact, aliases=["best"])
+
+
+def _define_metrics(run) -> None:
+    """Epoch metrics against the epoch by default; images seen and hours are there to pick as x-axes."""
+    for axis in ("epoch/epoch", "epoch/images_seen", "epoch/hours"):
+        run.define_metric(axis)
+    run.define_metric("epoch/*", step_metric="epoch/epoch")
+    for key in SUMMARY_METRICS:
+        run.define_metric(f"epoch/{key}", step_metric="epoch/epoch", summary="max,last")
+
+
+def _init_wandb(cfg: Config, run_id: str | None, say, facts: dict):
     """A W&B run (online, else offline), or None; never raises, never waits longer than the timeout."""
     try:
         import wandb
@@ -181,16 +302,18 @@ def _init_wandb(cfg: Config, run_id: str | None, say):
             say(
                 "W&B: no API key (wandb login / WANDB_API_KEY): logging offline; upload later with `wandb sync`"
             )
+    recipe = Path(cfg.derived.recipe).stem if cfg.derived.recipe else None
     kwargs = {
         "project": lg.wandb_project,
         "entity": lg.wandb_entity,
-        "group": lg.wandb_group,
-        "tags": lg.wandb_tags or None,
-        "name": cfg.run.name or Path(cfg.run.dir).name,
+        "group": lg.wandb_group or recipe,
+        "job_type": "train",
+        "tags": [*lg.wandb_tags, cfg.model.name] if cfg.model.name not in lg.wandb_tags else lg.wandb_tags,
+        "name": cfg.run.name or run_label(cfg),
         "id": run_id or secrets.token_hex(4),  # stored in checkpoints: a resumed run continues it
         "resume": "allow",
         "dir": str(Path(cfg.run.dir).resolve()),
-        "config": flat(cfg),
+        "config": {**flat(cfg), **facts},
     }
     # quiet: wandb's banner and run summary would bury the training log; we say what matters in one line.
     settings = wandb.Settings(init_timeout=lg.wandb_init_timeout, quiet=True)
@@ -204,7 +327,9 @@ def _init_wandb(cfg: Config, run_id: str | None, say):
             )
             mode = "offline"
     try:
-        return wandb.init(mode=mode, settings=settings, **kwargs)
+        run = wandb.init(mode=mode, settings=settings, **kwargs)
+        _define_metrics(run)
+        return run
     except (
         Exception
     ) as e:  # wandb raises its own errors, TimeoutError, ConnectionError... any means "not now"
@@ -214,7 +339,9 @@ def _init_wandb(cfg: Config, run_id: str | None, say):
         return None
     say(f"W&B: online init failed ({reason}); logging offline; upload later with `wandb sync`")
     try:
-        return wandb.init(mode="offline", settings=settings, **kwargs)
+        run = wandb.init(mode="offline", settings=settings, **kwargs)
+        _define_metrics(run)
+        return run
     except Exception as e:
         say(f"W&B: offline init failed too ({type(e).__name__}); logging to metrics.jsonl only")
         return None

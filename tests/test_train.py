@@ -367,8 +367,10 @@ def test_a_single_process_run_on_synthetic_data_writes_metrics_config_and_checkp
         "config.yaml",
         "last.pt",
         "metrics.jsonl",
+        "status.json",
         f"step-{2 * steps:08d}.pt",
     ]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
     ckpt = load(run / "last.pt")  # weights_only=True
     assert ckpt["step"] == 2 * steps and (ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0)
     assert ckpt["config"]["derived"]["global_batch_size"] == 8
