@@ -207,8 +207,8 @@ def test_bad_folders_and_truncated_metrics_get_one_line_each_and_the_rest_is_com
     assert code == 2 and err.splitlines()[-1] == "runs: error: none of the folders given is a run"
 
 
-def test_the_png_and_the_html_report_in_a_real_browser(three_runs, tmp_path, capsys):
-    from tests.test_serve import CHROMEDRIVER, CHROMIUM
+def test_the_png_and_the_html_report_in_a_real_browser(three_runs, tmp_path, capsys, browser):
+    from selenium.webdriver.common.by import By
 
     code, _, _ = compare(
         capsys, *three_runs.values(), "--out", tmp_path / "plots.png", "--anchor", "ffcv-rn18"
@@ -217,36 +217,18 @@ def test_the_png_and_the_html_report_in_a_real_browser(three_runs, tmp_path, cap
     assert code == 0 and image.shape[1] > 1000 and image.std() > 10  # decodes, and is not blank
     code, _, _ = compare(capsys, *three_runs.values(), "--out", tmp_path / "report.html")
     assert code == 0
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver are not installed (run .ci/browser.sh)")
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
-        driver.get((tmp_path / "report.html").as_uri())
-        rows = driver.find_elements(By.CSS_SELECTOR, "#runs tr")
-        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[1:]] == [
-            "finished",
-            "resumed",
-            "crashed",
-        ]
-        assert driver.execute_script("return document.getElementById('plot').naturalWidth") > 1000
-        driver.save_screenshot(str(tmp_path / "report.png"))
-        shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=np.float32)
-        assert shot.std() > 10
-    finally:
-        driver.quit()
+    browser.set_window_size(1400, 1000)
+    browser.get((tmp_path / "report.html").as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#runs tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[1:]] == [
+        "finished",
+        "resumed",
+        "crashed",
+    ]
+    assert browser.execute_script("return document.getElementById('plot').naturalWidth") > 1000
+    browser.save_screenshot(str(tmp_path / "report.png"))
+    shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=np.float32)
+    assert shot.std() > 10
 
 
 def test_list_shows_every_run_with_its_status_and_the_command_that_uploads_it(three_runs, capsys):
