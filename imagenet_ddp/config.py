@@ -433,14 +433,21 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
     return dataclasses.replace(cfg, derived=derived)
 
 
+def recipe_name(recipe: str) -> str:
+    """`configs/demo.yaml` -> `demo`; "" (no --config) -> `defaults`; a run folder's config.yaml
+    (an older run restarted from it) -> the folder's name."""
+    if not recipe:
+        return "defaults"
+    path = Path(recipe)
+    return path.parent.name if path.name == "config.yaml" else path.stem
+
+
 def run_label(cfg: Config) -> str:
-    """The recipe's name and the overrides that change the experiment (not where it runs or logs):
-    `demo optim.lr=0.4`, what W&B shows as the run name."""
-    stem = Path(cfg.derived.recipe).stem if cfg.derived.recipe else "defaults"
-    if stem == "config" and cfg.derived.recipe:  # restarted from a run folder's config.yaml
-        stem = Path(cfg.derived.recipe).parent.name
-    changes = [o for o in cfg.derived.overrides if not o.startswith(("run.", "logging."))]
-    return " ".join([stem, *changes])
+    """The recipe's name and the overrides that change the experiment (not where it runs or logs),
+    the last one of each key: `demo optim.lr=0.4`, what W&B shows as the run name."""
+    last = {o.split("=", 1)[0]: o for o in cfg.derived.overrides}
+    changes = [o for o in last.values() if not o.startswith(("run.", "logging."))]
+    return " ".join([recipe_name(cfg.derived.recipe), *changes])
 
 
 # Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): SGD with linear LR scaling and warmup matched

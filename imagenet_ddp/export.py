@@ -96,6 +96,9 @@ def export_onnx(clf: Classifier, path: str | Path, source: dict) -> dict:
         os.replace(tmp / "model.onnx", path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:  # the exporter's own errors: an op it cannot translate, ...
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"torch.onnx could not export {clf.architecture['name']}: {reason}") from None
     finally:
         for leftover in tmp.iterdir():
             leftover.unlink()

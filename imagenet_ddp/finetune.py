@@ -44,7 +44,7 @@ def stages(model_name: str) -> list[str]:
     if model_name in RESNETS:
         return ["stem", "layer1", "layer2", "layer3", "layer4"]
     if model_name in EFFICIENTNETS:
-        depth = 9 if model_name.startswith("efficientnet_b") else 8
+        depth = 8 if model_name == "efficientnet_v2_s" else 9  # features.0 .. features.N-1
         return [f"features.{i}" for i in range(depth)]
     raise UserError(f"no stages known for {model_name}")
 
@@ -183,9 +183,14 @@ def _torchvision_weights(name: str) -> tuple[dict, list[str], str, str]:
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not path.is_file():
         _download(weights.url, path, name)
-    weights_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        weights_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a download cut short, a damaged disk
+        raise UserError(
+            f"model.init_from torchvision:{name}: cannot read {path} ({type(e).__name__}); delete it to download it again"
+        ) from None
     classes = sorted(imagenet_names("en")) if len(weights.meta.get("categories", [])) == 1000 else None
-    return weights_dict, classes, model_name, f"torchvision:{name}"
+    return weights_dict, classes, model_name, file_sha256(path)
 
 
 def _download(url: str, path: Path, name: str) -> None:

@@ -7,7 +7,7 @@ account, no network, works on a cluster's login node.
     python -m imagenet_ddp.runs list runs/                                    # every run below runs/
 
 The table has one row per run: its name, recipe, the config keys whose values differ between the
-runs (only those), epochs done/total, best and final val top-1/top-5, the training hours to reach
+runs (only those), epochs done/total, best and final val top-1/top-5, the wall-clock hours to reach
 --target top-1, images/s, device-hours (training time x world size) and status: finished, running,
 stopped (for a requeue) or crashed. A folder that is not a run, or a damaged metrics line, gets one
 line on stderr and the other runs are compared. --anchor overlays a published recipe's (epochs,
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from imagenet_ddp.config import recipe_name
 from imagenet_ddp.errors import UserError
 
 ANCHORS = Path(__file__).with_name("anchors_data") / "anchors.json"
@@ -48,6 +49,7 @@ class Run:
     metrics: list[dict]
     state: str
     notes: list[str] = field(default_factory=list)
+    hours: float = 0.0  # wall-clock hours of all sessions (status.json), a cut-short epoch included
 
     @property
     def epochs(self) -> int:
@@ -62,12 +64,18 @@ class Run:
         return values[-1] if values else None
 
     def hours_to(self, top1: float) -> float | None:
-        hours = 0.0
-        for m in self.metrics:
-            hours = m.get("hours", hours + m.get("epoch_seconds", 0.0) / 3600)
+        for m, hours in zip(self.metrics, self.record_hours(), strict=True):
             if m.get("val_top1", -1) >= top1:
                 return hours
         return None
+
+    def record_hours(self) -> list[float]:
+        """Wall-clock hours at each record (runs from before `hours` was logged: training time)."""
+        hours, out = 0.0, []
+        for m in self.metrics:
+            hours = m.get("hours", hours + m.get("epoch_seconds", 0.0) / 3600)
+            out.append(hours)
+        return out
 
     @property
     def images_per_sec(self) -> float | None:
@@ -76,8 +84,14 @@ class Run:
 
     @property
     def device_hours(self) -> float:
-        seconds = sum(m.get("epoch_seconds", 0.0) for m in self.metrics)
-        return seconds * int(self.config.get("derived.world_size", 1)) / 3600
+        """Hours x devices, each stretch at the world size it ran with; the time after the last
+        record (a stopped or running epoch) at the current one."""
+        world = int(self.config.get("derived.world_size", 1))
+        total = previous = 0.0
+        for m, hours in zip(self.metrics, self.record_hours(), strict=True):
+            total += (hours - previous) * int(m.get("world_size", world))
+            previous = hours
+        return total + max(0.0, self.hours - previous) * world
 
 
 def read_run(folder: str | Path) -> Run:
@@ -105,16 +119,17 @@ def read_run(folder: str | Path) -> Run:
             where = "its last line is truncated" if number == len(lines) else f"line {number} is damaged"
             notes.append(f"{path}: {where}: ignored")
     derived = config.get("derived") or {}
-    recipe = Path(derived.get("recipe") or "defaults").stem
+    recipe = recipe_name(derived["recipe"]) if "recipe" in derived else "?"  # "?": written before it was kept
     name = (config.get("run") or {}).get("name") or folder.name
-    return Run(folder, name, recipe, flat, metrics, _state(folder, metrics, flat), notes)
-
-
-def _state(folder: Path, metrics: list[dict], config: dict) -> str:
     try:
         status = json.loads((folder / "status.json").read_text())
     except (OSError, ValueError):
         status = {}
+    hours = float(status.get("hours") or 0.0)
+    return Run(folder, name, recipe, flat, metrics, _state(status, metrics, flat), notes, hours)
+
+
+def _state(status: dict, metrics: list[dict], config: dict) -> str:
     state = status.get("state")
     done = metrics[-1]["epoch"] if metrics else 0
     if state is None:  # a run made before status.json: its metrics alone tell whether it ended
@@ -172,7 +187,7 @@ def load_anchor(name: str) -> dict:
 
 
 def plot(runs: list[Run], anchor: dict | None):
-    """A matplotlib figure: val top-1 against epoch and against training hours, train loss."""
+    """A matplotlib figure: val top-1 against epoch and against wall-clock hours, train loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,11 +197,7 @@ def plot(runs: list[Run], anchor: dict | None):
     for r in runs:
         epochs = [m["epoch"] for m in r.metrics if "val_top1" in m]
         top1 = [100 * m["val_top1"] for m in r.metrics if "val_top1" in m]
-        hours, total = [], 0.0
-        for m in r.metrics:
-            total = m.get("hours", total + m.get("epoch_seconds", 0.0) / 3600)
-            if "val_top1" in m:
-                hours.append(total)
+        hours = [h for m, h in zip(r.metrics, r.record_hours(), strict=True) if "val_top1" in m]
         label = f"{r.name} ({r.state})"
         by_epoch.plot(epochs, top1, marker="o", markersize=3, label=label)
         by_time.plot(hours, top1, marker="o", markersize=3, label=label)
@@ -198,6 +209,9 @@ def plot(runs: list[Run], anchor: dict | None):
             label=label,
         )
     if anchor:
+        for p in anchor["points"]:  # a published figure without a schedule: a level to reach
+            if "epochs" not in p:
+                by_epoch.axhline(100 * p["top1"], color="k", linestyle=":", label=anchor["title"])
         points = [p for p in anchor["points"] if "epochs" in p]
         by_epoch.plot(
             [p["epochs"] for p in points], [100 * p["top1"] for p in points], "k*--", label=anchor["title"]
@@ -212,7 +226,11 @@ def plot(runs: list[Run], anchor: dict | None):
             )
     for ax, (x, y) in zip(
         (by_epoch, by_time, loss),
-        (("epoch", "val top-1 (%)"), ("training hours", "val top-1 (%)"), ("epoch", "train loss")),
+        (
+            ("epoch", "val top-1 (%)"),
+            ("wall-clock hours (all sessions)", "val top-1 (%)"),
+            ("epoch", "train loss"),
+        ),
         strict=True,
     ):
         ax.set_xlabel(x)

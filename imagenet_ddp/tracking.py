@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from imagenet_ddp.config import Config, flat, run_label
+from imagenet_ddp.config import Config, flat, recipe_name, run_label
 
 # W&B summary keys: the best and the last value of each, over the epochs.
 SUMMARY_METRICS = ("val_top1", "val_top5", "val_top1_ema", "val_top5_ema")
@@ -78,7 +78,9 @@ class Tracker(NullTracker):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self._trim_metrics(resume_step or 0)
-        self.hours = sum(r.get("epoch_seconds", 0.0) for r in self._records()) / 3600
+        # Wall-clock hours of all sessions so far (validation, saves and the part of an epoch a stop
+        # cut short included; waits in a queue not): kept in status.json across requeues.
+        self.hours, self._mark = self._previous_hours(), time.time()
         self.bar = None
         self.tty = sys.stdout.isatty()
         self.epochs = cfg.train.epochs
@@ -88,9 +90,19 @@ class Tracker(NullTracker):
         self.wandb_run_id = self.wandb.id if self.wandb else wandb_run_id
 
     def _records(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        return read_metrics(self.metrics_path)
+
+    def _previous_hours(self) -> float:
+        try:
+            return float(json.loads((self.dir / "status.json").read_text())["hours"])
+        except (OSError, ValueError, KeyError, TypeError):
+            done = self._records()
+            return done[-1].get("hours", 0.0) if done else 0.0
+
+    def _clock(self) -> float:
+        now = time.time()
+        self.hours, self._mark = self.hours + (now - self._mark) / 3600, now
+        return self.hours
 
     def _status(self, state: str) -> None:
         """run.dir/status.json: running, finished, stopped (for a requeue) or crashed, and where."""
@@ -100,6 +112,7 @@ class Tracker(NullTracker):
             "epoch": done[-1]["epoch"] if done else 0,
             "epochs": self.epochs,
             "step": self.step,
+            "hours": round(self._clock(), 6),
             "updated": round(time.time(), 3),
             "pid": os.getpid(),
         }
@@ -112,7 +125,9 @@ class Tracker(NullTracker):
         if not self.metrics_path.exists():
             return
         lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", math.inf) <= resume_step]
+        kept = [
+            json.dumps(r) for r in read_metrics(self.metrics_path) if r.get("step", math.inf) <= resume_step
+        ]
         if len(kept) != len(lines):
             tmp = self.metrics_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
@@ -158,6 +173,8 @@ class Tracker(NullTracker):
             )
         if self.wandb:
             self.wandb.log(metrics, step=step)
+        self.step = step
+        self._status("running")  # a heartbeat: `runs compare` tells a live run from a killed one
 
     def end_epoch(self) -> None:
         if self.bar is not None:
@@ -166,12 +183,18 @@ class Tracker(NullTracker):
 
     def log_epoch(self, metrics: dict) -> None:
         """One line of metrics.jsonl (`epoch` counts completed epochs from 1), the console, W&B."""
-        self.hours += metrics["epoch_seconds"] / 3600
-        seen = metrics["step"] * self.cfg.derived.global_batch_size
+        done = self._records()
+        before = done[-1] if done else {"step": 0, "images_seen": 0}
+        # Per step at this session's global batch: a run resumed on another world size counts right.
+        seen = (
+            before.get("images_seen", 0)
+            + (metrics["step"] - before["step"]) * self.cfg.derived.global_batch_size
+        )
         record = {
             **metrics,
             "images_seen": seen,
-            "hours": round(self.hours, 6),
+            "hours": round(self._clock(), 6),
+            "world_size": self.cfg.derived.world_size,
             "time": round(time.time(), 3),
         }
         with open(self.metrics_path, "a") as f:
@@ -197,22 +220,42 @@ class Tracker(NullTracker):
         self._status("crashed" if failed else "stopped" if preempted else "finished")
         if self.wandb:
             run, self.wandb = self.wandb, None
-            records = self._records()
-            for key in SUMMARY_METRICS:
-                values = [r[key] for r in records if key in r]
-                if values:
-                    run.summary[f"best/{key}"], run.summary[f"final/{key}"] = max(values), values[-1]
-            best = self.dir / "best.pt"
-            if self.cfg.logging.wandb_checkpoints and not failed and best.exists():
-                _log_checkpoint(run, best)
-            if preempted:
-                run.mark_preempting()
+            # W&B never stops the run, nor turns a requeue into a crash: each step says why it failed.
+            try:
+                records = self._records()
+                for key in SUMMARY_METRICS:
+                    values = [r[key] for r in records if key in r]
+                    if values:
+                        run.summary[f"best/{key}"], run.summary[f"final/{key}"] = max(values), values[-1]
+                best = self.dir / "best.pt"
+                if self.cfg.logging.wandb_checkpoints and not failed and best.exists():
+                    _log_checkpoint(run, best)
+                if preempted:
+                    run.mark_preempting()
+            except Exception as e:
+                self.info(f"W&B: could not record the run's summary or checkpoint ({type(e).__name__}: {e})")
             offline = run.settings.mode == "offline"
-            run.finish(exit_code=1 if failed else 0)
+            try:
+                run.finish(exit_code=1 if failed else 0)
+            except Exception as e:
+                self.info(f"W&B: could not finish the run ({type(e).__name__}: {e})")
             if offline:
                 self.info(
                     f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
                 )
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line a kill cut short (or damaged) is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def make_tracker(
@@ -275,13 +318,18 @@ def _log_checkpoint(run, path: Path) -> None:
     run.log_artifact(artifact, aliases=["best"])
 
 
-def _define_metrics(run) -> None:
-    """Epoch metrics against the epoch by default; images seen and hours are there to pick as x-axes."""
-    for axis in ("epoch/epoch", "epoch/images_seen", "epoch/hours"):
-        run.define_metric(axis)
-    run.define_metric("epoch/*", step_metric="epoch/epoch")
-    for key in SUMMARY_METRICS:
-        run.define_metric(f"epoch/{key}", step_metric="epoch/epoch", summary="max,last")
+def _define_metrics(run, say):
+    """Epoch metrics against the epoch by default; images seen and hours are there to pick as x-axes.
+    Returns the run: a failure here only costs the axes."""
+    try:
+        for axis in ("epoch/epoch", "epoch/images_seen", "epoch/hours"):
+            run.define_metric(axis)
+        run.define_metric("epoch/*", step_metric="epoch/epoch")
+        for key in SUMMARY_METRICS:
+            run.define_metric(f"epoch/{key}", step_metric="epoch/epoch", summary="max,last")
+    except Exception as e:
+        say(f"W&B: could not define the epoch axes ({type(e).__name__}: {e})")
+    return run
 
 
 def _init_wandb(cfg: Config, run_id: str | None, say, facts: dict):
@@ -302,11 +350,10 @@ def _init_wandb(cfg: Config, run_id: str | None, say, facts: dict):
             say(
                 "W&B: no API key (wandb login / WANDB_API_KEY): logging offline; upload later with `wandb sync`"
             )
-    recipe = Path(cfg.derived.recipe).stem if cfg.derived.recipe else None
     kwargs = {
         "project": lg.wandb_project,
         "entity": lg.wandb_entity,
-        "group": lg.wandb_group or recipe,
+        "group": lg.wandb_group or recipe_name(cfg.derived.recipe),
         "job_type": "train",
         "tags": [*lg.wandb_tags, cfg.model.name] if cfg.model.name not in lg.wandb_tags else lg.wandb_tags,
         "name": cfg.run.name or run_label(cfg),
@@ -328,8 +375,7 @@ def _init_wandb(cfg: Config, run_id: str | None, say, facts: dict):
             mode = "offline"
     try:
         run = wandb.init(mode=mode, settings=settings, **kwargs)
-        _define_metrics(run)
-        return run
+        return _define_metrics(run, say)
     except (
         Exception
     ) as e:  # wandb raises its own errors, TimeoutError, ConnectionError... any means "not now"
@@ -340,8 +386,7 @@ def _init_wandb(cfg: Config, run_id: str | None, say, facts: dict):
     say(f"W&B: online init failed ({reason}); logging offline; upload later with `wandb sync`")
     try:
         run = wandb.init(mode="offline", settings=settings, **kwargs)
-        _define_metrics(run)
-        return run
+        return _define_metrics(run, say)
     except Exception as e:
         say(f"W&B: offline init failed too ({type(e).__name__}); logging to metrics.jsonl only")
         return None

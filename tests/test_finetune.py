@@ -260,3 +260,23 @@ def test_the_tiny_imagenet_fine_tune_recipe_starts_every_class_from_its_imagenet
     classes = ck.load(tmp_path / "run" / "last.pt")["classes"]
     assert record["source"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
     assert record["head_rows_loaded"] == len(classes) > 1 and all(c.startswith("n") for c in classes)
+
+
+@pytest.mark.parametrize(
+    "name, upto, frozen, trained",
+    [
+        ("efficientnet_b0", "features.3", ["features.0", "features.3"], ["features.4", "classifier"]),
+        ("efficientnet_v2_s", "backbone", ["features.7"], ["classifier"]),
+        ("resnet50", "stem", ["conv1", "bn1"], ["layer1", "fc"]),
+    ],
+)
+def test_freezing_stops_the_named_stages_and_nothing_after(name, upto, frozen, trained):
+    from imagenet_ddp.finetune import freeze
+
+    model = build_model(name, num_classes=3)
+    norms = freeze(model, name, upto)
+    for stage in frozen:
+        assert not any(p.requires_grad for p in model.get_submodule(stage).parameters()), stage
+    for stage in trained:
+        assert all(p.requires_grad for p in model.get_submodule(stage).parameters()), stage
+    assert norms and all(isinstance(n, torch.nn.modules.batchnorm._BatchNorm) for n in norms)

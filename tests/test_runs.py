@@ -21,6 +21,7 @@ from PIL import Image
 
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.runs import main as runs_main
+from imagenet_ddp.runs import read_run
 from tests.test_train import make_tiny_shards, small_run
 from tests.test_train_ddp import environment
 
@@ -146,7 +147,7 @@ def test_a_run_stopped_and_resumed_continues_the_same_wandb_run_without_duplicat
     ids = {r.run.run_id for records in (stopped, finished) for r in records if r.HasField("run")}
     assert len(ids) == 1 and ids == {load(three_runs["resumed"] / "last.pt")["wandb_run_id"]}
     [run] = [r.run for r in stopped if r.HasField("run")]
-    assert run.display_name.endswith("optim.lr=0.05")
+    assert "optim.lr=0.05" in run.display_name and "optim.lr=0.1 " not in run.display_name  # the last one
     before = [r.history.step.num for r in stopped if r.HasField("history")]
     after = [r.history.step.num for r in finished if r.HasField("history")]
     assert before == sorted(set(before)) and after == sorted(set(after)) and min(after) > max(before)
@@ -185,6 +186,13 @@ def test_compare_names_exactly_the_keys_that_differ_and_each_runs_status(three_r
         json.loads(line)["val_top1"]
         for line in (three_runs["finished"] / "metrics.jsonl").read_text().splitlines()
     )
+    resumed = read_run(three_runs["resumed"])  # stopped mid-epoch, then finished: its clock and counts
+    assert [m["images_seen"] for m in resumed.metrics] == [96, 192]
+    assert (
+        resumed.hours > sum(m["epoch_seconds"] for m in resumed.metrics) / 3600
+    )  # + validation, the cut epoch
+    assert resumed.record_hours()[-1] <= resumed.hours == pytest.approx(resumed.device_hours)  # one process
+    assert rows["resumed"]["hours to 28.0%"] is None or rows["resumed"]["hours to 28.0%"] <= resumed.hours
     code, out, _ = compare(capsys, *three_runs.values())
     assert out.splitlines()[0].split()[:4] == ["run", "recipe", "data.root", "derived.lr"]
 

@@ -400,6 +400,15 @@ def test_a_run_learns_and_its_checkpoint_alone_rebuilds_the_model(shards, tmp_pa
     assert ckpt["metrics"]["val_top1"] == max(m["val_top1"] for m in metrics)
 
 
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(shards, tmp_path):
+    run = tmp_path / "run"
+    assert train_ddp.main(small_run(shards, run, "train.epochs=1")) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_to')
+    assert train_ddp.main(small_run(shards, run, "train.epochs=2")) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+
+
 def test_running_the_same_command_again_resumes_at_the_saved_step(shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert train_ddp.main(small_run(shards, run, "train.epochs=1")) == 0
