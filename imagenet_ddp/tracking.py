@@ -78,6 +78,8 @@ class Tracker(NullTracker):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self._trim_metrics(resume_step or 0)
+        done = self._records()
+        self._last = done[-1] if done else {"epoch": 0, "step": 0, "images_seen": 0}  # metrics.jsonl's end
         # Wall-clock hours of all sessions so far (validation, saves and the part of an epoch a stop
         # cut short included; waits in a queue not): kept in status.json across requeues.
         self.hours, self._mark = self._previous_hours(), time.time()
@@ -96,8 +98,7 @@ class Tracker(NullTracker):
         try:
             return float(json.loads((self.dir / "status.json").read_text())["hours"])
         except (OSError, ValueError, KeyError, TypeError):
-            done = self._records()
-            return done[-1].get("hours", 0.0) if done else 0.0
+            return self._last.get("hours", 0.0)
 
     def _clock(self) -> float:
         now = time.time()
@@ -106,10 +107,9 @@ class Tracker(NullTracker):
 
     def _status(self, state: str) -> None:
         """run.dir/status.json: running, finished, stopped (for a requeue) or crashed, and where."""
-        done = self._records()
         status = {
             "state": state,
-            "epoch": done[-1]["epoch"] if done else 0,
+            "epoch": self._last["epoch"],
             "epochs": self.epochs,
             "step": self.step,
             "hours": round(self._clock(), 6),
@@ -183,8 +183,7 @@ class Tracker(NullTracker):
 
     def log_epoch(self, metrics: dict) -> None:
         """One line of metrics.jsonl (`epoch` counts completed epochs from 1), the console, W&B."""
-        done = self._records()
-        before = done[-1] if done else {"step": 0, "images_seen": 0}
+        before = self._last
         # Per step at this session's global batch: a run resumed on another world size counts right.
         seen = (
             before.get("images_seen", 0)
@@ -199,7 +198,7 @@ class Tracker(NullTracker):
         }
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.step = metrics["step"]
+        self._last, self.step = record, metrics["step"]
         self._status("running")
         val = (
             f" | val top-1 {metrics['val_top1']:.2%} top-5 {metrics['val_top5']:.2%}"
