@@ -472,6 +472,7 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
     all_reduce_sum(totals)
     result = {}
     for (name, model), (loss, top1, top5, count) in zip(models.items(), totals.tolist(), strict=True):
+        result["val_count"] = int(count)  # the same for every model
         model.train(was_training[name])
         n, suffix = max(count, 1), f"_{name}" if name else ""
         result.update(
@@ -481,5 +482,4 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
                 f"val_top5{suffix}": top5 / n,
             }
         )
-    result["val_count"] = int(totals[0, 3])
     return result

@@ -154,11 +154,13 @@ class OnnxClassifier(Classifier):
             raise UserError(
                 f"no class names for language {lang!r} in this model; it has: {', '.join(self.names)}"
             )
-        english = self.names["en"]
-        return [
-            ClassInfo(i, wnid, english[i], name)
-            for i, (wnid, name) in enumerate(zip(self.classes, self.names[lang], strict=True))
-        ]
+        if lang not in self._class_info:
+            english = self.names["en"]
+            self._class_info[lang] = [
+                ClassInfo(i, wnid, english[i], name)
+                for i, (wnid, name) in enumerate(zip(self.classes, self.names[lang], strict=True))
+            ]
+        return self._class_info[lang]
 
     def probabilities(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         batch = torch.stack(list(images)) if isinstance(images, list) else images

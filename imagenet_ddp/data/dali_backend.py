@@ -140,7 +140,6 @@ class DaliLoader(Loader):
         self._next: tuple[str, Future] | None = None  # the next pass's pipeline, being built
         self._builder: ThreadPoolExecutor | None = None
         self._index_dir: str | None = None  # index files cut to this rank's ranges
-        self._pass_paths: list[str] = []  # the shards the running pass reads
         self.ahead = False  # whether the running pass's pipeline was built ahead of it
 
     def _pieces(self, epoch: int) -> list[plan.Piece]:
@@ -226,7 +225,6 @@ class DaliLoader(Loader):
         pipe = None
         try:
             args, key = self._pipeline_args(self.epoch)
-            self._pass_paths = args["paths"]
             pipe = self._take_next(key) if start == 0 and checkpoint is None else None
             self.ahead = pipe is not None
             if pipe is None:
@@ -235,7 +233,7 @@ class DaliLoader(Loader):
                 if pipe is None:  # the checkpoint did not restore
                     checkpoint = None
                     pipe = self._build(args, None)
-            run = self._runner(pipe)
+            run = self._runner(pipe, args["paths"])
             if checkpoint is None:
                 for _ in range(start):  # replay: DALI reads and decodes them again, torch skips its part
                     run()
@@ -262,11 +260,10 @@ class DaliLoader(Loader):
             self.restored = False
             return None
 
-    def _runner(self, pipe):
-        """pipe.run, its errors named; on a GPU its outputs are ordered on torch's current stream, so
-        the host does not wait for them."""
+    def _runner(self, pipe, paths: list[str]):
+        """pipe.run, its errors named (among `paths`); on a GPU its outputs are ordered on torch's
+        current stream, so the host does not wait for them."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        paths = self._pass_paths
         return lambda: self._guarded(lambda: pipe.run(stream) if stream is not None else pipe.run(), paths)
 
     def _prepare_next(self) -> None:
