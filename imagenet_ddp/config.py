@@ -62,6 +62,9 @@ class ModelConfig:
     # or torchvision:<Weights>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2); None: random.
     init_from: str | None = None
     freeze: str = "none"  # none | backbone | a stage (ResNet: stem, layer1..4): frozen up to it, BN in eval
+    blurpool: bool = False  # ResNets: blur (3x3 binomial) before each strided convolution (FFCV, Composer)
+    drop_path: float | None = None  # stochastic depth rate of the last block; None: the architecture's default
+    dropout: float | None = None  # before the classifier; None: the architecture's default
 
 
 @dataclass
@@ -73,6 +76,12 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.1
+    loss: Literal["ce", "bce"] = "ce"  # cross-entropy, or binary cross-entropy over classes (timm, Composer)
+    bce_target_threshold: float = 0.0  # bce: targets above it become 1 (timm's target_threshold); 0: soft targets
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) on the device batch; 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
+    mix_switch_prob: float = 0.5  # with both on: the probability of CutMix for a batch (timm's switch_prob)
+    eval_flip: bool = False  # evaluation averages the logits of each image and its mirror (FFCV's lr_tta)
     grad_clip: float = 0.0  # max global grad norm; 0: no clipping
     ema_decay: float = 0.0  # EMA of weights: decay per step of a global batch of ema_ref_batch_size; 0: none
     ema_ref_batch_size: int = 256  # the decay is scaled to the real global batch B as ema_decay ** (B / this)
@@ -83,6 +92,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["sgd", "lamb", "rmsprop_tf", "lars"] = "sgd"  # lamb, rmsprop_tf, lars: timm's
     lr: float = 0.1  # for a global batch of ref_batch_size; scaled linearly to the real one
     ref_batch_size: int = 256  # 0: use lr as is
     momentum: float = 0.9
@@ -93,6 +103,15 @@ class OptimConfig:
     warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
     warmup_start_factor: float = 0.1
     min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb
+    eps: float | None = None  # lamb, rmsprop_tf; None: the library's default
+    rmsprop_alpha: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
+    lars_trust_coeff: float = 0.001  # lars
+    # After warmup: cosine to min_lr_factor * lr; linear down to it (with warmup, FFCV's triangular
+    # schedule); step: times step_gamma every step_epochs (timm's `step`)
+    schedule: Literal["cosine", "linear", "step"] = "cosine"
+    step_epochs: float = 30.0
+    step_gamma: float = 0.1
 
 
 @dataclass

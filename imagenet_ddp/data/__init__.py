@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -64,6 +65,21 @@ class DataConfig:
     channels_last: bool = True  # memory format of the images (faster convolutions with AMP)
     shuffle_buffer: int = 1024  # samples each reader holds to shuffle train order (~110 KB each)
     crop_area_min: float = 0.08  # RandomResizedCrop's smallest area fraction (larger for small images)
+    # Policy on each train crop after the flip (augment.py): none | ta_wide (TrivialAugmentWide) |
+    # ra (RandAugment) | imagenet (AutoAugment's ImageNet policy). torchvision.transforms.v2 on the
+    # torch backend, nvidia.dali.auto_aug on the dali one.
+    auto_augment: Literal["none", "ta_wide", "ra", "imagenet"] = "none"
+    ra_num_ops: int = 2  # RandAugment: ops per image
+    ra_magnitude: int = 9  # RandAugment: magnitude bin of 31 (torchvision's scale: timm's m9 is bin 27)
+    ra_magnitude_std: float = 0.0  # RandAugment: per image, the bin is drawn from N(magnitude, std) (timm's mstd x 3)
+    random_erase: float = 0.0  # probability of torchvision's RandomErasing on each normalized train image
+    eval_resize_size: int = 0  # shorter side before the eval centre crop; 0: round(eval_size / eval_crop_ratio)
+    # Progressive resizing (FFCV): the train crop side grows from progressive_start_size at epoch
+    # progressive_start_epoch to image_size at progressive_end_epoch, rounded to progressive_step; 0: off.
+    progressive_start_size: int = 0
+    progressive_start_epoch: int = 0
+    progressive_end_epoch: int = 0
+    progressive_step: int = 32
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
