@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Train an image classifier on tar shards with DistributedDataParallel.
 
-    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/nvidia_resnet50.yaml
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
-        train_ddp.py --config configs/imagenet_resnet50.yaml run.dir=runs/r50
+        train_ddp.py --config configs/nvidia_resnet50.yaml run.dir=runs/r50
     python train_ddp.py --config configs/demo.yaml train.epochs=1        # one process
     srun python train_ddp.py --config ...                                # SLURM variables only
 
@@ -55,7 +55,8 @@ def train(cfg, env, stop) -> int:
     val_loader = build_loader(data, "val", train=False, **where)
     cfg = resolve(cfg, env.world_size, env.device.type, len(train_loader))
     m = cfg.model
-    arch = architecture(m.name, train_loader.num_classes, m.small_input, m.zero_init_residual)
+    variant = ("small_input", "zero_init_residual", "blurpool", "drop_path", "dropout")
+    arch = architecture(m.name, train_loader.num_classes, **{key: getattr(m, key) for key in variant})
     model, ckpt = build_model(**arch), found[0] if found else None
     # Weights to start from: before anything is written (a bad source is a one-line error), and
     # not when resuming (the checkpoint has the weights, and records where they came from).
@@ -63,7 +64,7 @@ def train(cfg, env, stop) -> int:
     origin = ckpt.get("init_from") if ckpt else origin
     state = make_state(model, cfg, env)
     if ckpt is not None:
-        if ckpt["architecture"] != arch:
+        if architecture(**ckpt["architecture"]) != arch:  # an older checkpoint lacks the later keys
             raise UserError(
                 f"{found[1]} holds a {ckpt['architecture']} model, not {arch}: choose another run.dir"
             )

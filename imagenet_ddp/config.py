@@ -1,6 +1,6 @@
 """The training configuration: one typed schema, a recipe YAML plus dotted overrides, strict checks.
 
-    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml \
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/nvidia_resnet50.yaml \
         train.epochs=40 optim.lr=0.5 run.dir=runs/r50-40ep
 
 Every key of a YAML file or an override must exist in the schema and have the right type; an error names
@@ -23,7 +23,7 @@ import yaml
 
 from imagenet_ddp.data import BACKENDS
 from imagenet_ddp.data import DataConfig as LoaderConfig
-from imagenet_ddp.data.presets import eval_resize_size
+from imagenet_ddp.data.presets import eval_resize
 from imagenet_ddp.errors import UserError
 
 
@@ -63,7 +63,9 @@ class ModelConfig:
     init_from: str | None = None
     freeze: str = "none"  # none | backbone | a stage (ResNet: stem, layer1..4): frozen up to it, BN in eval
     blurpool: bool = False  # ResNets: blur (3x3 binomial) before each strided convolution (FFCV, Composer)
-    drop_path: float | None = None  # stochastic depth rate of the last block; None: the architecture's default
+    drop_path: float | None = (
+        None  # stochastic depth rate of the last block; None: the architecture's default
+    )
     dropout: float | None = None  # before the classifier; None: the architecture's default
 
 
@@ -77,7 +79,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.1
     loss: Literal["ce", "bce"] = "ce"  # cross-entropy, or binary cross-entropy over classes (timm, Composer)
-    bce_target_threshold: float = 0.0  # bce: targets above it become 1 (timm's target_threshold); 0: soft targets
+    bce_target_threshold: float = 0.0  # bce: targets above it become 1 (timm's target_threshold); 0: off
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) on the device batch; 0: off
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
     mix_switch_prob: float = 0.5  # with both on: the probability of CutMix for a batch (timm's switch_prob)
@@ -394,6 +396,33 @@ def validate(cfg: Config) -> Config:
         (o.ref_batch_size >= 0, "optim.ref_batch_size must be >= 0 (0: no scaling)"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be > 0 (freeze with model.freeze instead)"),
+        (
+            0.0 <= t.bce_target_threshold < 1.0,
+            "train.bce_target_threshold must be in [0, 1) (0: soft targets)",
+        ),
+        (
+            t.loss == "bce" or not t.bce_target_threshold,
+            "train.bce_target_threshold applies to train.loss=bce",
+        ),
+        (o.momentum > 0 or not o.nesterov, "optim.nesterov=true needs optim.momentum > 0"),
+        (o.schedule != "step" or not o.min_lr_factor, "optim.min_lr_factor applies to cosine and linear"),
+        (
+            t.mixup_alpha >= 0 and t.cutmix_alpha >= 0,
+            "train.mixup_alpha and train.cutmix_alpha must be >= 0 (0: off)",
+        ),
+        (0.0 <= t.mix_switch_prob <= 1.0, "train.mix_switch_prob is a probability in [0, 1]"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)"),
+        (o.eps is None or o.eps > 0, "optim.eps must be > 0 (or null: the optimizer's default)"),
+        (0 <= o.rmsprop_alpha < 1, "optim.rmsprop_alpha must be in [0, 1)"),
+        (o.lars_trust_coeff > 0, "optim.lars_trust_coeff must be > 0"),
+        (
+            o.step_epochs > 0 and 0 < o.step_gamma <= 1,
+            "optim.step_epochs must be > 0 and optim.step_gamma in (0, 1]",
+        ),
+        (
+            0 <= o.min_lr_factor <= 1 and 0 <= o.warmup_start_factor <= 1,
+            "optim.min_lr_factor and optim.warmup_start_factor must be in [0, 1]",
+        ),
         (cfg.run.keep_last >= 0, "run.keep_last must be >= 0"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: at epoch ends only)"),
         (cfg.run.timeout_s > 0, "run.timeout_s must be > 0"),
@@ -408,7 +437,8 @@ def validate(cfg: Config) -> Config:
     from imagenet_ddp.models import architecture
 
     try:
-        architecture(cfg.model.name, 1)
+        m = cfg.model
+        architecture(m.name, 1, blurpool=m.blurpool, drop_path=m.drop_path, dropout=m.dropout)
         check_freeze(cfg.model.name, cfg.model.freeze)
     except UserError as e:
         raise ConfigError(str(e)) from None
@@ -445,7 +475,7 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
         ema_decay=t.ema_decay ** (global_batch / t.ema_ref_batch_size)
         if t.ema_ref_batch_size
         else t.ema_decay,
-        eval_resize=eval_resize_size(cfg.data.eval_size, cfg.data.eval_crop_ratio),
+        eval_resize=eval_resize(cfg.data),
         recipe=cfg.derived.recipe,
         overrides=list(cfg.derived.overrides),
     )
@@ -477,12 +507,12 @@ SGD_MAX_GLOBAL_BATCH = 8192
 def advice(cfg: Config) -> list[str]:
     """Warnings about a resolved config that is valid but likely to train badly."""
     d, notes = cfg.derived, []
-    if d.global_batch_size > SGD_MAX_GLOBAL_BATCH:
+    if d.global_batch_size > SGD_MAX_GLOBAL_BATCH and cfg.optim.name == "sgd":
         notes.append(
             f"warning: a global batch of {d.global_batch_size} ({d.world_size} ranks x "
             f"{cfg.train.batch_size}{f' x {cfg.train.grad_accum}' if cfg.train.grad_accum > 1 else ''}) with "
             f"SGD at a linearly scaled lr of {d.lr:.4g}: plain SGD loses accuracy beyond a global batch of "
             f"~{SGD_MAX_GLOBAL_BATCH} (Goyal et al. 2017). Such batches need a layer-wise adaptive "
-            "optimizer (LARS, LAMB), which this trainer does not offer yet: use fewer ranks or a smaller train.batch_size"
+            "optimizer (LARS, LAMB: optim.name=lars or lamb), or use fewer ranks or a smaller train.batch_size"
         )
     return notes

@@ -1,6 +1,6 @@
 """Everything about ranks: the launcher's environment, process-group set-up and teardown, reductions.
 
-    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/nvidia_resnet50.yaml
     srun --ntasks-per-node=8 python train_ddp.py --config ...     (SLURM variables only)
     python train_ddp.py --config configs/demo.yaml                (one process, no process group)
 

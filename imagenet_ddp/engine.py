@@ -1,6 +1,6 @@
 """The training and evaluation loops: train_step, train_one_epoch, evaluate.
 
-    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/imagenet_resnet50.yaml
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/nvidia_resnet50.yaml
 
 The loops see only `(images, labels)` batches already on the device; what the data backend is does not
 matter here. The LR is a pure function of the global step, so resuming needs only the step.
@@ -16,39 +16,26 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
 
 from imagenet_ddp.checkpoint import rng_state, set_rng_state, unwrap
 from imagenet_ddp.config import Config
+from imagenet_ddp.data.mixing import BatchAugment, hard_labels
+from imagenet_ddp.data.presets import train_size
 from imagenet_ddp.dist import DistEnv, StopSignal, all_reduce_sum, broadcast_buffers
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.finetune import freeze, head_name
+from imagenet_ddp.losses import build_criterion
 from imagenet_ddp.models import deterministic_pooling
+from imagenet_ddp.optim import build_optimizer, lr_schedule, param_groups, ready_for_device_skips
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteError(UserError):
     """Too many consecutive steps with NaN/Inf gradients: training on would only produce garbage."""
-
-
-def lr_at(
-    step: int,
-    *,
-    base_lr: float,
-    total_steps: int,
-    warmup_steps: int,
-    warmup_start_factor: float = 0.1,
-    min_lr_factor: float = 0.0,
-) -> float:
-    """Linear warmup from warmup_start_factor * base_lr, then cosine down to min_lr_factor * base_lr."""
-    if step < warmup_steps:
-        return base_lr * (warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return base_lr * (min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Ema:
@@ -119,6 +106,8 @@ class TrainState:
     ema: Ema | None = None
     buffers: BufferGuard | None = None  # put back after a skipped step
     frozen_norms: list[nn.Module] = field(default_factory=list)  # stay in eval mode (model.freeze)
+    batch_aug: BatchAugment | None = None  # random erasing, MixUp, CutMix on each train batch
+    eval_flip: bool = False  # evaluate averages the logits of each image and its mirror
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (0-based)
     batch_in_epoch: int = 0  # batches of `epoch` consumed: the loader position
@@ -157,7 +146,7 @@ class TrainState:
         # another device) must still step the way this one was built to.
         for group in self.optimizer.param_groups:
             group["fused"] = fused
-        _ready_for_device_skips(self.optimizer)
+        ready_for_device_skips(self.optimizer)
         self.scaler.load_state_dict(ckpt["scaler"])
         for k in _COUNTERS:
             setattr(self, k, ckpt[k])
@@ -204,32 +193,6 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    decay_norm_and_bias: bool,
-    head: nn.Module | None = None,
-    backbone_lr_mult: float = 1.0,
-) -> list[dict]:
-    """Weight decay on weights of convolutions and linear layers only: decaying BatchNorm scales and
-    biases hurts accuracy (Goyal et al. 2017; NVIDIA's and timm's recipes). With a backbone_lr_mult
-    other than 1, the parameters outside `head` get that fraction of the LR (`lr_mult`)."""
-    split = head is not None and backbone_lr_mult != 1.0
-    in_head = {id(p) for p in head.parameters()} if split else set()
-    groups: dict[tuple[bool, float], list] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            decayed = p.ndim > 1 or decay_norm_and_bias
-            mult = 1.0 if not split or id(p) in in_head else backbone_lr_mult
-            groups.setdefault((decayed, mult), []).append(p)
-    order = [(True, 1.0), (False, 1.0), (True, backbone_lr_mult), (False, backbone_lr_mult)]
-    return [
-        {"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "lr_mult": key[1]}
-        for key in dict.fromkeys(order)
-        if key in groups or key[1] == 1.0
-    ]
-
-
 def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     """Move, wrap and equip `model` for training as `cfg` (resolved) says."""
     t, o, d = cfg.train, cfg.optim, cfg.derived
@@ -239,17 +202,11 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     model = model.to(
         env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
     )
-    # Fused: one kernel for all parameters, and it skips a non-finite step on the device (torch has
-    # the kernel for CPUs and CUDA; it checks the device only at the first step).
+    # SGD is fused: one kernel for all parameters, and it skips a non-finite step on the device. The
+    # other optimizers (timm's) skip on the host: one sync per step (optim.py, _step_unless).
     head = model.get_submodule(head_name(cfg.model.name)) if o.backbone_lr_mult != 1.0 else None
-    optimizer = torch.optim.SGD(
-        param_groups(model, o.weight_decay, o.wd_on_norm_and_bias, head, o.backbone_lr_mult),
-        lr=d.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        fused=env.device.type in FUSED_DEVICES,
-    )
-    _ready_for_device_skips(optimizer)
+    groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias, head, o.backbone_lr_mult)
+    optimizer = build_optimizer(groups, o, d.lr, env.device)
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -257,20 +214,12 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     ema = Ema(model, d.ema_decay) if t.ema_decay > 0 else None
     if t.compile:
         model = torch.compile(model)
-    schedule = partial(
-        lr_at,
-        base_lr=d.lr,
-        total_steps=d.total_steps,
-        warmup_steps=d.warmup_steps,
-        warmup_start_factor=o.warmup_start_factor,
-        min_lr_factor=o.min_lr_factor,
-    )
     return TrainState(
         model=model,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(env.device.type, enabled=d.precision == "fp16"),
-        schedule=schedule,
-        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        schedule=lr_schedule(cfg),
+        criterion=build_criterion(t),
         device=env.device,
         amp_dtype=AMP_DTYPES[d.precision],
         channels_last=t.channels_last,
@@ -278,7 +227,26 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
         ema=ema,
         buffers=BufferGuard(model),
         frozen_norms=frozen_norms,
+        batch_aug=batch_augment(cfg, env.rank, unwrap(model)),
+        eval_flip=t.eval_flip,
     )
+
+
+def batch_augment(cfg: Config, rank: int, model: nn.Module) -> BatchAugment | None:
+    """The train batch's random erasing, MixUp and CutMix as `cfg` asks, or None for none of them."""
+    t = cfg.train
+    mixing = t.mixup_alpha > 0 or t.cutmix_alpha > 0
+    num_classes = model.get_submodule(head_name(cfg.model.name)).out_features if mixing else 0
+    augment = BatchAugment(
+        random_erase=cfg.data.random_erase,
+        mixup_alpha=t.mixup_alpha,
+        cutmix_alpha=t.cutmix_alpha,
+        switch_prob=t.mix_switch_prob,
+        num_classes=num_classes,
+        seed=t.seed,
+        rank=rank,
+    )
+    return augment if augment.active else None
 
 
 def _autocast(state: TrainState):
@@ -301,14 +269,18 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
         state.buffers.save()
     totals = torch.zeros(3, device=state.device)
     for i, (images, labels) in enumerate(batches):
+        if state.batch_aug is not None:  # targets: labels, or soft [B, C] after MixUp/CutMix
+            images, targets = state.batch_aug(images, labels, state.epoch, state.batch_in_epoch + i)
+        else:
+            targets = labels
         # DDP all-reduces gradients in the last micro-batch's backward only.
         last = i == len(batches) - 1
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync(), _autocast(state):
             logits = model(_inputs(state, images))
-            loss = state.criterion(logits, labels)
+            loss = state.criterion(logits, targets)
         scaler.scale(loss / len(batches)).backward()
         totals[0] += loss.detach().float() * len(labels)
-        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[1] += (logits.argmax(1) == hard_labels(targets)).sum()
         totals[2] += len(labels)
     scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip or math.inf)
@@ -325,21 +297,6 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
     state.nonfinite_streak = (state.nonfinite_streak + 1) * skipped
     state.longest_streak = torch.maximum(state.longest_streak, state.nonfinite_streak)
     return totals
-
-
-FUSED_DEVICES = ("cuda", "cpu")
-
-
-def _ready_for_device_skips(optimizer: torch.optim.Optimizer) -> None:
-    """Zero momentum buffers where a fused SGD has none yet. torch's fused SGD makes them with
-    empty_like at its first step, even when that step is skipped (found_inf): the next step then
-    reads garbage. Zeros give the same first step (buf = 0.9 * 0 + grad = grad, bitwise)."""
-    if not optimizer.defaults.get("fused"):
-        return
-    for group in optimizer.param_groups:
-        if group["momentum"]:
-            for p in group["params"]:
-                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def _step_unless(
@@ -427,6 +384,7 @@ def train_one_epoch(
         "lr": state.schedule(state.step - 1),
         "images_per_sec": steps_done * global_batch / max(seconds, 1e-9),
         "epoch_seconds": seconds,
+        "train_size": train_size(cfg.data, state.epoch),  # the train crop side (progressive resizing)
         "stopped": stopped,
     }
 
@@ -463,7 +421,10 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
         labels = labels[valid]
         for row, model in zip(totals, models.values(), strict=True):
             with _autocast(state):
-                logits = model(images).float()[valid]
+                logits = model(images).float()
+                if getattr(state, "eval_flip", False):  # FFCV's lr_tta; predict.py's classifier has none
+                    logits = (logits + model(images.flip(3)).float()) / 2
+            logits = logits[valid]
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             row[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             row[1] += hits[:, 0].sum()

@@ -266,7 +266,7 @@ def evaluate_split(
         root=str(root),
         backend=backend,
         eval_size=clf.crop,
-        eval_crop_ratio=clf.crop / clf.resize,  # round(crop / ratio) == resize: the same transform
+        eval_resize_size=clf.resize,
         batch_size=batch_size,
         workers=workers,
         channels_last=clf.channels_last,

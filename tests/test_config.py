@@ -47,9 +47,12 @@ def test_the_recipes_exist_and_each_validates_with_a_header_stating_its_expected
     assert {
         "demo",
         "tiny_imagenet_resnet18",
-        "imagenet_resnet50",
-        "imagenet_resnet50_short",
-        "imagenet_efficientnet_b0",
+        "ffcv_resnet50",
+        "ffcv_resnet18",
+        "torchvision_resnet50_v2",
+        "nvidia_resnet50",
+        "timm_efficientnet_b0",
+        "timm_resnet50_a3",
     } <= names
     for path in RECIPES:
         validate(load_config(path))
@@ -164,6 +167,8 @@ def test_a_global_batch_beyond_where_sgd_is_known_to_work_is_warned_about():
     )
     assert "Goyal et al. 2017" in note and "LARS, LAMB" in note
     assert advice(resolve(load_config(None, ["train.batch_size=256"]), 32, "cpu", 10)) == []  # 8192: fine
+    lars = load_config(None, ["train.batch_size=256", "optim.name=lars"])
+    assert advice(resolve(lars, 512, "cpu", 10)) == []
 
 
 def test_the_resolved_config_is_yaml_that_loads_back_to_the_same_config(tmp_path):

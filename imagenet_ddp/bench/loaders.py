@@ -9,6 +9,8 @@ into temporary shards. Measured, each the best of --repeats runs taken in turn:
 
 - ImageFolder + PIL + torchvision v2 transforms in a DataLoader: the baseline (ratio 1.0);
 - the torch and dali backends of imagenet_ddp.data (train preprocessing, normalized batches);
+- with each augmentation policy (--policies; data.auto_augment), both backends, against the
+  policy baseline: ImageFolder + PIL + v2 with TrivialAugmentWide after the flip;
 - the decode-only limit: DALI's decoder and PIL over all cores, decoding and nothing else;
 - images/s of a small model trained from the best backend and from the synthetic one.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -58,6 +61,11 @@ def main(argv=None) -> int:
             "decode_dali": lambda: _decode_dali(shards / "train", args),
             "decode_pil": lambda: _decode_pil(images / "train", args),
         }
+        if args.policies:
+            runs["imagefolder_ta"] = lambda: _imagefolder(images / "train", args, policy=True)
+        for policy in args.policies:
+            for backend in ("torch", "dali"):
+                runs[f"{backend}:{policy}"] = functools.partial(_backend, cfg, backend, policy)
         best, cpu_ms = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, float("inf"))
         for _ in range(args.repeats):
             for name, run in runs.items():  # in turn, so that load from elsewhere hits all alike
@@ -89,6 +97,13 @@ def _parse(argv):
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best counts")
     p.add_argument("--model", default="resnet18", help="torchvision model for the train measurement")
     p.add_argument("--train-steps", type=int, default=6, help="timed train steps per loader (0: skip)")
+    p.add_argument(
+        "--policies",
+        nargs="*",
+        default=["ta_wide", "ra", "imagenet"],
+        choices=["ta_wide", "ra", "imagenet"],
+        help="augmentation policies to measure on both backends (none: give the flag alone)",
+    )
     return p.parse_args(argv)
 
 
@@ -144,7 +159,7 @@ def _rate(batches, batch_size: int) -> tuple[float, int]:
     return n / (time.perf_counter() - start), (i + 1) * batch_size
 
 
-def _imagefolder(root: Path, args) -> tuple[float, int]:
+def _imagefolder(root: Path, args, policy: bool = False) -> tuple[float, int]:
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -152,6 +167,7 @@ def _imagefolder(root: Path, args) -> tuple[float, int]:
         [
             v2.RandomResizedCrop(args.image_size, antialias=True),
             v2.RandomHorizontalFlip(),
+            *([v2.TrivialAugmentWide()] if policy else []),  # on the PIL image, as torchvision's reference
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -164,8 +180,8 @@ def _imagefolder(root: Path, args) -> tuple[float, int]:
     return _rate(loader, args.batch_size)
 
 
-def _backend(cfg: DataConfig, backend: str) -> tuple[float, int]:
-    cfg = dataclasses.replace(cfg, backend=backend)
+def _backend(cfg: DataConfig, backend: str, policy: str = "none") -> tuple[float, int]:
+    cfg = dataclasses.replace(cfg, backend=backend, auto_augment=policy)
     with build_loader(cfg, "train") as loader:
         return _rate(loader, cfg.batch_size)
 
@@ -278,6 +294,22 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
         print(
             f"{label:36s} {best[key]:8.0f} {best[key] / base:11.2f}x {best[key] / limit:15.0%} {cpu_ms[key]:11.2f}"
         )
+    if args.policies:
+        policy_base = best["imagefolder_ta"]
+        print(
+            "\nAugmentation policies (data.auto_augment), against ImageFolder + PIL + v2 + TrivialAugmentWide:"
+        )
+        print(f"{'':36s} {'img/s':>8s} {'vs IF + TA':>12s} {'vs no policy':>13s} {'CPU ms/img':>11s}")
+        print(
+            f"{'ImageFolder + PIL + v2 + TA (base)':36s} {policy_base:8.0f} {1:11.2f}x {'':13s} {cpu_ms['imagefolder_ta']:11.2f}"
+        )
+        for policy in args.policies:
+            for backend in ("torch", "dali"):
+                key = f"{backend}:{policy}"
+                print(
+                    f"{backend + ' backend, ' + policy:36s} {best[key]:8.0f} {best[key] / policy_base:11.2f}x "
+                    f"{best[key] / best[backend]:12.0%} {cpu_ms[key]:11.2f}"
+                )
     if train:
         synthetic = train["synthetic"]
         print(f"\n{args.model} train steps (bf16, channels_last), batch {args.batch_size}:")
@@ -296,6 +328,11 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
         "img_per_s": {k: round(v, 1) for k, v in best.items()},
         "ratio_to_imagefolder": {k: round(v / base, 3) for k, v in best.items()},
         "fraction_of_decode_limit": {k: round(best[k] / limit, 3) for k in ("torch", "dali")},
+        "ratio_to_imagefolder_ta": {
+            k: round(v / best["imagefolder_ta"], 3)
+            for k, v in best.items()
+            if ":" in k or k == "imagefolder_ta"
+        },
         "cpu_ms_per_img": {k: round(v, 3) for k, v in cpu_ms.items()},
         "best_backend": fastest,
         "train_img_per_s": {k: round(v, 2) for k, v in train.items()},

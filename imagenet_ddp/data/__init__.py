@@ -93,6 +93,47 @@ class DataConfig:
             raise UserError(f"data.crop_area_min must be in (0, 1], not {self.crop_area_min}")
         if not 0 < self.eval_crop_ratio <= 1:
             raise UserError(f"data.eval_crop_ratio must be in (0, 1], not {self.eval_crop_ratio}")
+        if self.eval_resize_size and self.eval_resize_size < self.eval_size:
+            raise UserError(
+                f"data.eval_resize_size ({self.eval_resize_size}) must be at least data.eval_size "
+                f"({self.eval_size}), or 0 for eval_size / eval_crop_ratio"
+            )
+        if not 0 <= self.random_erase <= 1:
+            raise UserError(f"data.random_erase is a probability in [0, 1], not {self.random_erase}")
+        self._check_augment()
+        if self.progressive_start_size:
+            self._check_progressive()
+
+    def _check_augment(self) -> None:
+        from imagenet_ddp.data.augment import NUM_BINS, POLICIES
+
+        if self.auto_augment not in POLICIES:
+            raise UserError(
+                f"data.auto_augment must be one of {', '.join(POLICIES)}, not {self.auto_augment!r}"
+            )
+        if self.ra_num_ops < 1:
+            raise UserError(f"data.ra_num_ops must be at least 1 (ops per image), not {self.ra_num_ops}")
+        if not 0 <= self.ra_magnitude < NUM_BINS:
+            raise UserError(f"data.ra_magnitude is a bin in [0, {NUM_BINS - 1}], not {self.ra_magnitude}")
+        if not self.ra_magnitude_std >= 0:
+            raise UserError(f"data.ra_magnitude_std must be 0 (off) or more, not {self.ra_magnitude_std}")
+
+    def _check_progressive(self) -> None:
+        if not 0 < self.progressive_start_size <= self.image_size:
+            raise UserError(
+                f"data.progressive_start_size ({self.progressive_start_size}) must be in (0, data.image_size="
+                f"{self.image_size}]: the crop grows to image_size; 0 turns progressive resizing off"
+            )
+        if not 0 <= self.progressive_start_epoch < self.progressive_end_epoch:
+            raise UserError(
+                f"data.progressive_start_epoch ({self.progressive_start_epoch}) must be >= 0 and before "
+                f"data.progressive_end_epoch ({self.progressive_end_epoch})"
+            )
+        if self.progressive_step < 1 or self.progressive_start_size % self.progressive_step:
+            raise UserError(
+                f"data.progressive_step ({self.progressive_step}) must be >= 1 and divide "
+                f"data.progressive_start_size ({self.progressive_start_size})"
+            )
 
 
 def build_loader(

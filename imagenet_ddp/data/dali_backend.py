@@ -5,7 +5,9 @@
 
 On a CUDA device the JPEGs are decoded by nvJPEG (`device="mixed"`), flipped and resized on the
 GPU. On a CPU device DALI runs on `workers` CPU threads (`device_id=None`): it reads and decodes
-only the random crop's region; torch then resizes, flips and normalizes (see _resize_crops).
+only the random crop's region; torch then resizes, flips and normalizes (see _resize_crops),
+unless an augmentation policy (data.auto_augment, augment.py) is on: DALI then flips, resizes and
+applies it in the pipeline.
 
 Ranks split the samples, not the files (plan.py, with the GLOBAL rank): each rank's pipeline reads
 only the shard files that hold its samples of the pass, the first and last through index files cut
@@ -43,16 +45,19 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from imagenet_ddp.data import plan
+from imagenet_ddp.data.augment import dali_policy
+from imagenet_ddp.data.augment import settings as augment_settings
 from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
     CROP_AREA,
     CROP_ASPECT,
     PAD_LABEL,
-    eval_resize_size,
+    eval_resize,
     normalize_into,
     one_thread,
     parse_ascii_labels,
     to_model_input,
+    train_size,
 )
 from imagenet_ddp.data.shardset import Shard, ShardSplit
 from imagenet_ddp.errors import UserError
@@ -81,6 +86,7 @@ def _pipeline(
     shuffle_buffer,
     crop_only,
     crop_area,
+    augment,
 ):
     jpegs, cls = fn.readers.webdataset(
         paths=paths,
@@ -107,6 +113,7 @@ def _pipeline(
             # Flipping the crop before resizing it is the same as after, and cheaper.
             images = fn.flip(images, horizontal=fn.random.coin_flip())
             images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+            images = dali_policy(images, image_size, augment)
     else:
         # The output size is computed here rather than with resize_shorter, whose scale keeps the
         # unrounded long side: then DALI and torchvision sample the same grid (presets.eval_resize_shape).
@@ -115,15 +122,24 @@ def _pipeline(
         width = fn.cast(shape[1], dtype=types.FLOAT)
         short = dmath.min(height, width)
         images = fn.decoders.image(jpegs, **hints, device=decoder, output_type=types.RGB)
-        images = fn.resize(
-            images,
-            resize_y=dmath.floor(resize * height / short),
-            resize_x=dmath.floor(resize * width / short),
-            antialias=True,
-        )
-        images = fn.crop(images, crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5)
+        resized_y, resized_x = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
+        images = fn.resize(images, resize_y=resized_y, resize_x=resized_x, antialias=True)
+        # crop_pos 0.5 would round the origin half up: torchvision (presets.center_crop_origin) rounds
+        # half to even.
+        top, left = _center_crop_origin(resized_y, image_size), _center_crop_origin(resized_x, image_size)
+        start = fn.cast(fn.stack(top, left), dtype=types.INT32)
+        images = fn.slice(images, start=start, shape=[image_size, image_size], axis_names="HW")
     # `cls` is ASCII of varying length ("5", "123"); a batch must be one dense tensor.
     return images, fn.pad(cls, fill_value=0)
+
+
+def _center_crop_origin(length, crop: int):
+    """presets.center_crop_origin in DALI arithmetic: round((length - crop) / 2), half to even."""
+    margin = length - crop
+    half = dmath.floor(margin / 2)
+    odd_margin = margin - 2 * half  # 0 or 1
+    odd_half = half - 2 * dmath.floor(half / 2)
+    return half + odd_margin * odd_half  # x.5 goes up to the even neighbour only from an odd half
 
 
 class DaliLoader(Loader):
@@ -134,13 +150,21 @@ class DaliLoader(Loader):
         self.cfg, self.shards, self.device = cfg, shards, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.sizes = [s.num_samples for s in shards.shards]
-        self.image_size = cfg.image_size if train else cfg.eval_size
-        self.crop_only = train and device.type != "cuda"  # DALI crops, torch flips and resizes
+        # On a CPU device, DALI crops and torch flips and resizes (cheaper, see _resize_crops),
+        # unless an augmentation policy runs in the pipeline after the flip and the resize.
+        self.crop_only = train and device.type != "cuda" and cfg.auto_augment == "none"
         self._pipe, self._done, self._saved = None, 0, None
         self._next: tuple[str, Future] | None = None  # the next pass's pipeline, being built
         self._builder: ThreadPoolExecutor | None = None
         self._index_dir: str | None = None  # index files cut to this rank's ranges
         self.ahead = False  # whether the running pass's pipeline was built ahead of it
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size(self.epoch)
+
+    def _image_size(self, epoch: int) -> int:
+        return train_size(self.cfg, epoch) if self.train else self.cfg.eval_size
 
     def _pieces(self, epoch: int) -> list[plan.Piece]:
         """The samples of this rank's pass over epoch `epoch`, as (shard, start, stop) pieces."""
@@ -155,16 +179,19 @@ class DaliLoader(Loader):
         of other arguments without a word (and then yields other samples), so the digest guards it."""
         cuda = self.device.type == "cuda"
         pieces = self._pieces(epoch)
+        augment = augment_settings(self.cfg) if self.train else ("none",)
         args = dict(
             paths=[str(self.shards.shards[p.shard].path) for p in pieces],
             index_paths=[self._index_path(p) for p in pieces],
             train=self.train,
             decoder="mixed" if cuda else "cpu",
-            image_size=self.image_size,
-            resize=eval_resize_size(self.cfg.eval_size, self.cfg.eval_crop_ratio),
+            image_size=self._image_size(epoch),
+            resize=eval_resize(self.cfg),
             shuffle_buffer=self.cfg.shuffle_buffer,
             crop_only=self.crop_only,
             crop_area=(self.cfg.crop_area_min, CROP_AREA[1]),
+            augment=augment,
+            enable_conditionals=augment != ("none",),  # auto_aug applies ops to samples by `if`
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),
             device_id=_cuda_index(self.device) if cuda else None,

@@ -1,7 +1,10 @@
 """Preprocessing shared by every backend, so that they produce the same tensors.
 
-train: RandomResizedCrop(image_size, area 0.08-1, aspect 3/4-4/3) + horizontal flip
-eval:  resize the shorter side to round(eval_size / eval_crop_ratio), then center crop eval_size
+train: RandomResizedCrop(train_size(cfg, epoch), area crop_area_min-1, aspect 3/4-4/3) + horizontal
+       flip + the augmentation policy (augment.py); random erasing on the normalized device batch
+eval:  resize the shorter side to eval_resize(cfg) (data.eval_resize_size, or eval_size /
+       eval_crop_ratio), then center crop eval_size: torchvision's ImageClassification preset
+       (e.g. ResNet50_Weights.IMAGENET1K_V2.transforms(): 232 then 224), to the pixel
 
 Backends decode and crop to uint8 images, channels last in memory (as decoders and resizers make
 them); `to_model_input` normalizes them on the training device (a quarter of the bytes of float32
@@ -15,6 +18,7 @@ import functools
 import math
 import random
 
+import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,8 +31,31 @@ CROP_ASPECT = (3 / 4, 4 / 3)
 PAD_LABEL = -100
 
 
-def eval_resize_size(eval_size: int, eval_crop_ratio: float) -> int:
-    return round(eval_size / eval_crop_ratio)
+def eval_resize_size(eval_size: int, eval_crop_ratio: float, eval_resize: int = 0) -> int:
+    """The shorter side before the eval centre crop: `eval_resize` when set, else from the ratio."""
+    return eval_resize or round(eval_size / eval_crop_ratio)
+
+
+def eval_resize(cfg) -> int:
+    """eval_resize_size of a DataConfig."""
+    return eval_resize_size(cfg.eval_size, cfg.eval_crop_ratio, cfg.eval_resize_size)
+
+
+def train_size(cfg, epoch: int) -> int:
+    """The train crop side in `epoch` (0-based): data.image_size, or with progressive resizing FFCV's
+    ramp (ffcv-imagenet's get_resolution): progressive_start_size up to progressive_start_epoch, then
+    linear in the epoch to image_size at progressive_end_epoch, rounded to a multiple of
+    progressive_step. A pure function of the epoch: a resumed run trains at the same sizes."""
+    start, end = cfg.progressive_start_size, cfg.image_size
+    if not start:
+        return end
+    first, last = cfg.progressive_start_epoch, cfg.progressive_end_epoch
+    if epoch <= first:
+        return start
+    if epoch >= last:
+        return end
+    size = np.interp([epoch], [first, last], [start, end])[0]  # FFCV's own arithmetic, to the last bit
+    return int(np.round(size / cfg.progressive_step)) * cfg.progressive_step
 
 
 def eval_resize_shape(height: int, width: int, resize: int) -> tuple[int, int]:
@@ -38,8 +65,10 @@ def eval_resize_shape(height: int, width: int, resize: int) -> tuple[int, int]:
 
 
 def center_crop_origin(length: int, crop: int) -> int:
-    # DALI's crop_pos 0.5 rounds half up; torchvision's center_crop rounds half to even.
-    return (length - crop + 1) // 2
+    """torchvision's center_crop: int(round(margin / 2)), Python's round, half to even (a margin of
+    117 starts at 58, one of 119 at 60). DALI's crop_pos_x=0.5 rounds half up: the DALI graph
+    computes this origin itself."""
+    return int(round((length - crop) / 2))
 
 
 def random_resized_crop_box(

@@ -15,7 +15,7 @@ import torch
 
 from imagenet_ddp.data import plan
 from imagenet_ddp.data.base import Loader, count_steps
-from imagenet_ddp.data.presets import PAD_LABEL
+from imagenet_ddp.data.presets import PAD_LABEL, train_size
 from imagenet_ddp.data.shardset import open_split
 
 IMAGENET_SAMPLES = {"train": 1_281_167, "val": 50_000}
@@ -42,7 +42,11 @@ class SyntheticLoader(Loader):
         )
         self.device, self.channels_last = device, cfg.channels_last
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.image_size = cfg.image_size if train else cfg.eval_size
+        self.cfg = cfg
+
+    @property
+    def image_size(self) -> int:
+        return train_size(self.cfg, self.epoch) if self.train else self.cfg.eval_size
 
     def _batches(self):
         g = torch.Generator().manual_seed(plan.derive_seed(self.seed, self.epoch, self.rank))

@@ -27,14 +27,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from imagenet_ddp.data import plan
+from imagenet_ddp.data.augment import torch_policy
 from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
     PAD_LABEL,
     center_crop_origin,
+    eval_resize,
     eval_resize_shape,
-    eval_resize_size,
     random_resized_crop_box,
     to_model_input,
+    train_size,
 )
 from imagenet_ddp.data.shardset import SampleIndex, ShardSplit, read_index
 from imagenet_ddp.errors import UserError
@@ -51,6 +53,7 @@ class ShardSamples(IterableDataset):
         self.skip = 0  # train batches at the start of the epoch to skip (TorchLoader.iter_from)
         self.sizes = [s.num_samples for s in shards.shards]
         self._indexes: dict[int, SampleIndex] = {}
+        self.policy = torch_policy(cfg) if train else None  # after the flip (augment.py)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         # torchvision 0.29 (the pinned version) deprecates its decoders for torchcodec and warns on
@@ -84,16 +87,22 @@ class ShardSamples(IterableDataset):
             for _ in range(b - count):
                 yield pad, PAD_LABEL
 
-    def _draws(self, rng: random.Random, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
-        """A train image's random crop box (top, left, h, w) and flip, in the order they are drawn."""
-        return random_resized_crop_box(rng, height, width, self.cfg.crop_area_min), rng.random() < 0.5
+    def _draws(
+        self, rng: random.Random, height: int, width: int
+    ) -> tuple[tuple[int, int, int, int], bool, int]:
+        """A train image's random crop box (top, left, h, w), flip and seed of its augmentation policy
+        (0 without one), in the order they are drawn. The policy's own draws come from that seed:
+        a skipped image (not decoded) advances `rng` exactly as a decoded one."""
+        box, flip = random_resized_crop_box(rng, height, width, self.cfg.crop_area_min), rng.random() < 0.5
+        return box, flip, 0 if self.policy is None else rng.getrandbits(63)
 
     def _train_image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
         image = _decode(sample)
-        (top, left, h, w), flip = self._draws(rng, image.shape[1], image.shape[2])
-        size = [self.cfg.image_size] * 2
+        (top, left, h, w), flip, policy_seed = self._draws(rng, image.shape[1], image.shape[2])
+        size = [train_size(self.cfg, self.epoch)] * 2
         image = F.resized_crop(image, top, left, h, w, size, antialias=True)
-        return self._layout(F.horizontal_flip(image) if flip else image)
+        image = F.horizontal_flip(image) if flip else image
+        return self._layout(image if self.policy is None else self.policy(image, policy_seed))
 
     def _draw_crop(self, sample: Sample, rng: random.Random) -> None:
         """The random draws of _train_image for `sample`, from its JPEG header alone."""
@@ -106,8 +115,7 @@ class ShardSamples(IterableDataset):
 
     def _eval_image(self, sample: Sample) -> torch.Tensor:
         image = _decode(sample)
-        resize = eval_resize_size(self.cfg.eval_size, self.cfg.eval_crop_ratio)
-        h, w = eval_resize_shape(image.shape[1], image.shape[2], resize)
+        h, w = eval_resize_shape(image.shape[1], image.shape[2], eval_resize(self.cfg))
         image = F.resize(image, [h, w], antialias=True)
         crop = self.cfg.eval_size
         return self._layout(
@@ -182,11 +190,16 @@ class TorchLoader(Loader):
             # Fresh workers each epoch: they fork with the current epoch number in the dataset.
             persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None,
+            # Its own generator: a DataLoader draws its workers' base seed at each pass from this, by
+            # default from the process's global stream, which the model's dropout and drop path use
+            # (a resumed run would then draw them differently). The workers seed themselves anyway.
+            generator=torch.Generator(),
         )
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.dataset.epoch = self.epoch
+        self._loader.generator.manual_seed(plan.derive_seed(self.dataset.seed, self.epoch, self.dataset.rank))
 
     def iter_from(self, batch: int):
         # A replay, but the workers only read the skipped batches' samples and draw their random

@@ -1,0 +1,247 @@
+"""Optimizers and LR schedules, each selected by name from the config through one registry.
+
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config configs/nvidia_resnet50.yaml \
+        optim.name=lamb optim.lr=0.008 optim.weight_decay=0.02 optim.schedule=cosine
+
+`optim.name`: sgd is torch's fused SGD; lamb, rmsprop_tf and lars are timm's classes (`timm.optim.Lamb`,
+`RMSpropTF`, `Lars`) built with the arguments `timm.optim.create_optimizer_v2` gives them.
+`optim.schedule`: cosine, linear (FFCV's triangular schedule) or step (timm's `StepLRScheduler`), all
+after the same linear warmup. The LR is a pure function of the global step: resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from imagenet_ddp.config import Config, OptimConfig
+
+# Devices where torch has a fused SGD kernel: one kernel for all parameters, and it skips a non-finite
+# step on the device (found_inf). torch checks the device only at the first step.
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    head: nn.Module | None = None,
+    backbone_lr_mult: float = 1.0,
+) -> list[dict]:
+    """Weight decay on weights of convolutions and linear layers only: decaying BatchNorm scales and
+    biases hurts accuracy (Goyal et al. 2017; NVIDIA's and timm's recipes). With a backbone_lr_mult
+    other than 1, the parameters outside `head` get that fraction of the LR (`lr_mult`)."""
+    split = head is not None and backbone_lr_mult != 1.0
+    in_head = {id(p) for p in head.parameters()} if split else set()
+    groups: dict[tuple[bool, float], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            decayed = p.ndim > 1 or decay_norm_and_bias
+            mult = 1.0 if not split or id(p) in in_head else backbone_lr_mult
+            groups.setdefault((decayed, mult), []).append(p)
+    order = [(True, 1.0), (False, 1.0), (True, backbone_lr_mult), (False, backbone_lr_mult)]
+    return [
+        {"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "lr_mult": key[1]}
+        for key in dict.fromkeys(order)
+        if key in groups or key[1] == 1.0
+    ]
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+
+
+def _sgd(groups: list[dict], o: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(
+        groups,
+        lr=lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        fused=device.type in FUSED_DEVICES,
+    )
+    ready_for_device_skips(optimizer)
+    return optimizer
+
+
+# timm's optimizers take no found_inf: a step they must skip is decided on the host (engine._step_unless
+# reads the flag, one sync per step; GradScaler does the same for fp16). None of them has a fused kernel.
+# eps is passed only when set: None keeps each class's own default (Lamb 1e-6, RMSpropTF 1e-10, Lars 1e-8).
+
+
+def _eps(o: OptimConfig) -> dict:
+    return {} if o.eps is None else {"eps": o.eps}
+
+
+def _lamb(groups: list[dict], o: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    from timm.optim import Lamb
+
+    # timm's defaults kept as create_optimizer_v2 keeps them: Adam-style bias correction, and the
+    # gradients clipped to a global norm of 1 inside the step (max_grad_norm), on top of train.grad_clip.
+    return Lamb(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **_eps(o))
+
+
+def _rmsprop_tf(groups: list[dict], o: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    from timm.optim import RMSpropTF
+
+    return RMSpropTF(
+        groups, lr=lr, alpha=o.rmsprop_alpha, momentum=o.momentum, weight_decay=o.weight_decay, **_eps(o)
+    )
+
+
+def _lars(groups: list[dict], o: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    from timm.optim import Lars
+
+    # timm's Lars adapts the LR (trust ratio) only of parameters with weight decay: with
+    # wd_on_norm_and_bias false, BatchNorm and biases step as with plain SGD (timm's `lars`/`nlars`).
+    return Lars(
+        groups,
+        lr=lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        trust_coeff=o.lars_trust_coeff,
+        **_eps(o),
+    )
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, float, torch.device], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "lamb": _lamb,
+    "rmsprop_tf": _rmsprop_tf,
+    "lars": _lars,
+}
+
+
+def build_optimizer(
+    groups: list[dict], o: OptimConfig, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """The optimizer `o.name` over `groups` (param_groups: each group's weight_decay is kept), at `lr`."""
+    return OPTIMIZERS[o.name](groups, o, lr, torch.device(device))
+
+
+def ready_for_device_skips(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where a fused SGD has none yet. torch's fused SGD makes them with
+    empty_like at its first step, even when that step is skipped (found_inf): the next step then
+    reads garbage. Zeros give the same first step (buf = 0.9 * 0 + grad = grad, bitwise).
+    Nothing to do for the other optimizers: they are never told to skip on the device."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def _warmup(step: int, base_lr: float, warmup_steps: int, warmup_start_factor: float) -> float:
+    return base_lr * (warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps)
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_start_factor: float = 0.1,
+    min_lr_factor: float = 0.0,
+) -> float:
+    """Linear warmup from warmup_start_factor * base_lr, then cosine down to min_lr_factor * base_lr."""
+    if step < warmup_steps:
+        return _warmup(step, base_lr, warmup_steps, warmup_start_factor)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def linear_lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_start_factor: float = 0.1,
+    min_lr_factor: float = 0.0,
+) -> float:
+    """Linear warmup, then linear down to min_lr_factor * base_lr at the last step: FFCV's triangular
+    schedule, np.interp(epoch, [0, warmup_epochs, epochs], [start * lr, lr, min * lr]) at the step's
+    fractional epoch (FFCV interpolates within each epoch between the values at its two ends)."""
+    if step < warmup_steps:
+        return _warmup(step, base_lr, warmup_steps, warmup_start_factor)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (1 - (1 - min_lr_factor) * progress)
+
+
+def step_lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    warmup_start_factor: float = 0.1,
+    step_epochs: float = 30.0,
+    step_gamma: float = 0.1,
+) -> float:
+    """Linear warmup, then base_lr * step_gamma ** (epoch // step_epochs), `epoch` the index of the
+    step's epoch: timm's StepLRScheduler as timm's train.py uses it (stepped once per epoch with the
+    epoch index, decay counted from epoch 0: warmup_prefix=False). After warmup this is timm's value at
+    every step, so the decays fall on the same epoch boundaries, also for a step_epochs that is not a
+    whole number (timm's 2.5 decays at the start of epochs 3, 5, 8, ...). The warmup rises every step
+    rather than once per epoch; it equals timm's value at each epoch's first step."""
+    if step < warmup_steps:
+        return _warmup(step, base_lr, warmup_steps, warmup_start_factor)
+    epoch = step // max(1, steps_per_epoch)
+    return base_lr * step_gamma ** (epoch // step_epochs)
+
+
+def _cosine(cfg: Config) -> Callable[[int], float]:
+    o, d = cfg.optim, cfg.derived
+    return partial(
+        lr_at,
+        base_lr=d.lr,
+        total_steps=d.total_steps,
+        warmup_steps=d.warmup_steps,
+        warmup_start_factor=o.warmup_start_factor,
+        min_lr_factor=o.min_lr_factor,
+    )
+
+
+def _linear(cfg: Config) -> Callable[[int], float]:
+    o, d = cfg.optim, cfg.derived
+    return partial(
+        linear_lr_at,
+        base_lr=d.lr,
+        total_steps=d.total_steps,
+        warmup_steps=d.warmup_steps,
+        warmup_start_factor=o.warmup_start_factor,
+        min_lr_factor=o.min_lr_factor,
+    )
+
+
+def _step(cfg: Config) -> Callable[[int], float]:
+    o, d = cfg.optim, cfg.derived
+    return partial(
+        step_lr_at,
+        base_lr=d.lr,
+        warmup_steps=d.warmup_steps,
+        steps_per_epoch=d.steps_per_epoch,
+        warmup_start_factor=o.warmup_start_factor,
+        step_epochs=o.step_epochs,
+        step_gamma=o.step_gamma,
+    )
+
+
+SCHEDULES: dict[str, Callable[[Config], Callable[[int], float]]] = {
+    "cosine": _cosine,
+    "linear": _linear,
+    "step": _step,
+}
+
+
+def lr_schedule(cfg: Config) -> Callable[[int], float]:
+    """step -> LR of `cfg` (resolved: cfg.derived holds the scaled LR and the step counts)."""
+    return SCHEDULES[cfg.optim.schedule](cfg)

@@ -1,0 +1,271 @@
+"""Augmentation policies (data.auto_augment): torchvision's own transforms on the torch backend,
+the same distributions on DALI, and train passes that stay deterministic and resumable.
+
+Fixture: 256 train JPEGs (64 classes x 4, 64-128 px sides) in shards of 48.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision.io import decode_jpeg
+from torchvision.transforms import v2
+
+from imagenet_ddp.data import DataConfig, build_loader
+from imagenet_ddp.data.augment import NUM_BINS, round_bin, settings, torch_policy
+from imagenet_ddp.errors import UserError
+from tests.fixtures import make_imagenet_extracted
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAS_DALI = True
+except ImportError:
+    HAS_DALI = False
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+DALI = pytest.param("dali", marks=needs_dali)
+
+REPO = Path(__file__).resolve().parent.parent
+SIDE = 48  # of the crops the policies see
+POLICIES = {  # id: DataConfig fields
+    "ta_wide": {"auto_augment": "ta_wide"},
+    "ra": {"auto_augment": "ra", "ra_num_ops": 2, "ra_magnitude": 9},
+    "ra-mstd": {"auto_augment": "ra", "ra_num_ops": 2, "ra_magnitude": 15, "ra_magnitude_std": 5.0},
+    "imagenet": {"auto_augment": "imagenet"},
+}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("augment-source")
+    make_imagenet_extracted(
+        root, num_classes=64, per_class=4, val_per_class=1, bad=False, side_range=(64, 128)
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("augment-shards")
+    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(source), "--out", str(out)]
+    subprocess.run([*cmd, "--shard-size", "48", "--workers", "1"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def crops(source) -> torch.Tensor:
+    """The fixture's train JPEGs decoded and resized to SIDE x SIDE: uint8 [256, 3, SIDE, SIDE]."""
+    files = sorted((source / "train").rglob("*.JPEG"))
+    with warnings.catch_warnings():  # torchvision 0.29's deprecation of its decoders, at every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = [decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)) for f in files]
+    return torch.stack([F.resize(image, [SIDE, SIDE], antialias=True) for image in images])
+
+
+def torchvision_transform(policy: str) -> v2.Transform:
+    return {
+        "ta_wide": v2.TrivialAugmentWide(),
+        "ra": v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31),
+        "imagenet": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    }[policy]
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet"])
+def test_the_torch_policy_is_torchvisions_own_transform(crops, policy):
+    ours, theirs = torch_policy(DataConfig(**POLICIES[policy])), torchvision_transform(policy)
+    for i, crop in enumerate(crops[:24]):
+        seed = 1000 + i
+        torch.manual_seed(seed)
+        assert torch.equal(ours(crop, seed), theirs(crop))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    ours(crops[0], 5)
+    assert torch.equal(torch.rand(4), expected)  # the caller's generator is left as it was
+
+
+def test_ra_with_magnitude_std_is_torchvisions_randaugment_at_the_drawn_bin(crops):
+    ours = torch_policy(DataConfig(**POLICIES["ra-mstd"]))
+    bins = set()
+    for i, crop in enumerate(crops[:24]):
+        torch.manual_seed(i)
+        drawn = round_bin(15 + 5.0 * float(torch.randn(())))  # first draw: the bin, then RandAugment's
+        bins.add(drawn)
+        assert torch.equal(ours(crop, i), v2.RandAugment(2, drawn, num_magnitude_bins=31)(crop))
+    assert len(bins) > 5
+
+
+def clipped_normal(mean: float, std: float) -> np.ndarray:
+    """P(bin = k) of round_bin(N(mean, std)): the tails pile up on bins 0 and 30."""
+    cdf = [0.5 * (1 + math.erf((k + 0.5 - mean) / (std * math.sqrt(2)))) for k in range(NUM_BINS - 1)]
+    return np.diff([0.0, *cdf, 1.0])
+
+
+def drawn_bins_torch(mean: int, std: float, count: int) -> np.ndarray:
+    ra = torch_policy(DataConfig(auto_augment="ra", ra_magnitude=mean, ra_magnitude_std=std)).transform
+    pixel = torch.zeros(3, 1, 1, dtype=torch.uint8)
+    bins = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        ra(pixel)
+        bins.append(ra.magnitude)  # the bin this image's ops ran at
+    return np.array(bins)
+
+
+def drawn_bins_dali(mean: int, std: float, count: int) -> np.ndarray:
+    from nvidia.dali import pipeline_def
+
+    from imagenet_ddp.data.augment import dali_magnitude_bin
+
+    pipe = pipeline_def(lambda: dali_magnitude_bin(mean, std))(
+        batch_size=500, num_threads=1, device_id=None, seed=7
+    )
+    pipe.build()
+    return np.concatenate([[int(np.array(b)) for b in pipe.run()[0]] for _ in range(count // 500)])
+
+
+@pytest.mark.parametrize("backend", ["torch", DALI])
+def test_ra_magnitude_bins_follow_the_clipped_normal(backend):
+    mean, std, count = 27, 3.0, 4000  # a tenth of the draws clip to bin 30
+    bins = (drawn_bins_torch if backend == "torch" else drawn_bins_dali)(mean, std, count)
+    expected = clipped_normal(mean, std) * count
+    seen = np.bincount(bins, minlength=NUM_BINS)
+    assert len(seen) == NUM_BINS  # never outside [0, 30]
+    # Each bin's count is binomial: within 4.5 standard deviations (+1 for bins expected near 0).
+    assert np.all(np.abs(seen - expected) <= 4.5 * np.sqrt(expected * (1 - expected / count)) + 1)
+    assert abs(bins.mean() - (expected * np.arange(NUM_BINS)).sum() / count) < 0.15  # ~6 standard errors
+    assert seen[30] > 0.08 * count
+
+
+def dali_augmented(crops: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """`crops` through the DALI policy of `cfg`, in a CPU pipeline as the loader builds it."""
+    from nvidia.dali import fn, pipeline_def
+
+    from imagenet_ddp.data.augment import dali_policy
+
+    batch = [crop.permute(1, 2, 0).contiguous().numpy() for crop in crops]
+
+    @pipeline_def(enable_conditionals=True)
+    def augment():
+        return dali_policy(fn.external_source(source=lambda: batch, layout="HWC"), SIDE, settings(cfg))
+
+    pipe = augment(batch_size=len(batch), num_threads=2, device_id=None, seed=11)
+    pipe.build()
+    out = pipe.run()[0]
+    return torch.stack([torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(batch))])
+
+
+def per_image_statistics(augmented: torch.Tensor, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = augmented.double()
+    changed = (augmented.int() - crops.int()).abs() > 2  # more than a blend's rounding
+    stats = {f"mean{c}": x[:, c].mean((1, 2)) for c in range(3)}
+    stats |= {f"std{c}": x[:, c].std((1, 2)) for c in range(3)}
+    return stats | {"changed": changed.double().mean((1, 2, 3))}
+
+
+@pytest.mark.slow
+@needs_dali
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_dali_and_torch_policies_agree_in_distribution(crops, policy):
+    """Both backends augment the same 256 crops, 4 times each; their per-image statistics (channel
+    means and stds, the fraction of pixels changed) must have the same expectation. Each backend's
+    average is random (which ops each image drew): the tolerance is 4 standard errors of the mean
+    paired difference (over 1024 images; ~2-3% of a mean's range), plus what the libraries' known
+    per-pixel differences may add: 1.5 levels for a mean or a std (Equalize's PIL and OpenCV
+    tables, blend rounding), 2% for the fraction changed."""
+    cfg = DataConfig(**POLICIES[policy])
+    ours = torch_policy(cfg)
+    crops = crops.repeat(4, 1, 1, 1)  # 4 draws of the policy per crop: half the tolerance of one
+    by_torch = torch.stack([ours(crop, seed) for seed, crop in enumerate(crops)])
+    by_dali = dali_augmented(crops, cfg)
+    t, d = per_image_statistics(by_torch, crops), per_image_statistics(by_dali, crops)
+    n = len(crops)
+    for name in t:
+        error = (t[name] - d[name]).std() / math.sqrt(n)  # paired: the same crop on both sides
+        slack = 0.02 if name == "changed" else 1.5
+        assert abs(t[name].mean() - d[name].mean()) <= 4 * error + slack, (
+            name,
+            t[name].mean(),
+            d[name].mean(),
+        )
+    for stats in (t, d):  # visibly: on average over a third of the pixels move by more than 2 levels
+        assert stats["changed"].mean() > 0.33
+
+
+def train_pass(cfg, epoch: int, start: int = 0, state: dict | None = None, stop: int | None = None):
+    """(batches from `start`, loader state after `stop` batches if asked) of rank 1 of 2."""
+    with build_loader(cfg, "train", rank=1, world_size=2, seed=5) as loader:
+        loader.set_epoch(epoch)
+        if state is not None:
+            loader.load_state_dict(state)
+        batches = loader.iter_from(start) if start else iter(loader)
+        out = []
+        for x, y in batches:
+            out.append((x.clone(), y.clone()))
+            if len(out) == stop:
+                buffer = io.BytesIO()
+                torch.save(loader.state_dict(), buffer)  # as a checkpoint carries it
+                buffer.seek(0)
+                return out, torch.load(buffer, weights_only=True), loader.restored
+        return out, None, loader.restored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", DALI])
+@pytest.mark.parametrize("policy", ["ta_wide", "ra-mstd", "imagenet"])
+def test_train_passes_with_a_policy_are_deterministic_and_resume_exactly(shards, backend, policy):
+    cfg = DataConfig(
+        root=str(shards),
+        backend=backend,
+        image_size=32,
+        batch_size=16,
+        workers=2,
+        shuffle_buffer=16,
+        **POLICIES[policy],
+    )
+    full = train_pass(cfg, 1)[0]
+    assert len(full) == 8
+    # Three loaders: the uninterrupted pass, one stopped after 3 batches, one resumed from its state.
+    before, state, _ = train_pass(cfg, 1, stop=3)
+    rest, _, restored = train_pass(cfg, 1, start=3, state=state)
+    assert restored == (backend == "dali")  # DALI restores its checkpoint; torch replays without decoding
+    for a, b in zip(full, before + rest, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_dali
+def test_the_policy_is_in_the_dali_pipeline_and_its_checkpoint_key(shards):
+    cfg = DataConfig(
+        root=str(shards), backend="dali", image_size=32, batch_size=16, workers=1, **POLICIES["ra"]
+    )
+    with build_loader(cfg, "train") as loader:
+        args, key = loader._pipeline_args(0)
+        assert args["augment"] == ("ra", 2, 9, 0.0) and not loader.crop_only  # DALI resizes, flips, augments
+    with build_loader(DataConfig(**{**vars(cfg), "ra_magnitude": 10}), "train") as loader:
+        assert loader._pipeline_args(0)[1] != key  # a checkpoint of another policy is not restored
+    with build_loader(DataConfig(**{**vars(cfg), "auto_augment": "none"}), "train") as loader:
+        assert loader.crop_only and loader._pipeline_args(0)[0]["augment"] == ("none",)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"auto_augment": "randaugment"}, "data.auto_augment must be one of none, ta_wide, ra, imagenet"),
+        ({"ra_num_ops": 0}, "data.ra_num_ops must be at least 1"),
+        ({"ra_magnitude": 31}, "data.ra_magnitude is a bin in [0, 30]"),
+        ({"ra_magnitude_std": -0.5}, "data.ra_magnitude_std must be 0 (off) or more"),
+    ],
+)
+def test_bad_policy_settings_are_one_line_config_errors(change, message):
+    with pytest.raises(UserError) as e:
+        DataConfig(**change)
+    assert message in str(e.value) and "\n" not in str(e.value)

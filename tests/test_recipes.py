@@ -1,0 +1,123 @@
+"""Every recipe in configs/ runs as written, on both backends: 2 optimizer steps and one validation on
+fixture shards, with only the sizes, the batch, the epoch count and where it writes overridden.
+
+And with every ingredient on at once, a run killed mid-epoch resumes to bitwise-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import make_shards
+import train_ddp
+from imagenet_ddp.checkpoint import load
+from imagenet_ddp.config import load_config
+from tests.fixtures import make_folder
+from tests.test_loaders import DALI
+from tests.test_train import one_thread, small_run  # noqa: F401 (one_thread: an autouse fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """4 classes, 16 train images (2 batches of 8) and 8 val images (one batch)."""
+    root = tmp_path_factory.mktemp("recipes")
+    make_folder(root / "src", num_classes=4, per_class=4, val_per_class=2, bad=False, side_range=(64, 96))
+    args = ["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "1"]
+    assert make_shards.main(args + ["--shard-size", "6"]) == 0
+    return root / "shards"
+
+
+def shrunk(recipe: Path, shards: Path, backend: str, run_dir: Path) -> list[str]:
+    """The recipe's overrides for a CPU run of seconds: sizes, batch, one epoch, no weights to fetch."""
+    cfg = load_config(recipe)
+    overrides = [
+        f"data.root={shards}",
+        f"data.backend={backend}",
+        "data.workers=1",
+        "data.image_size=64",
+        "data.eval_size=64",
+        "data.eval_resize_size=0",
+        "data.eval_crop_ratio=0.875",
+        "data.shuffle_buffer=16",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "train.epochs=1",
+        "train.compile=false",
+        "model.init_from=null",  # torchvision's weights are not on this machine
+        f"run.dir={run_dir}",
+        "logging.wandb=false",
+    ]
+    if cfg.data.progressive_start_size:  # the ramp then starts at 32 px
+        overrides += ["data.progressive_start_size=32", "data.progressive_step=32"]
+    return overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", DALI])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_each_recipe_trains_two_steps_and_validates(shards, tmp_path, recipe, backend):
+    run = tmp_path / "run"
+    assert train_ddp.main(["--config", str(recipe), *shrunk(recipe, shards, backend, run)]) == 0
+    [line] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 2 and line["val_count"] == 8
+    assert line["train_size"] == (32 if load_config(recipe).data.progressive_start_size else 64)
+    saved = load(run / "last.pt")
+    assert saved["config"]["data"]["auto_augment"] == load_config(recipe).data.auto_augment
+
+
+EVERYTHING = (
+    "data.auto_augment=ta_wide",
+    "data.random_erase=0.5",
+    "data.progressive_start_size=16",
+    "data.progressive_step=16",
+    "data.progressive_start_epoch=0",
+    "data.progressive_end_epoch=1",
+    "model.blurpool=true",
+    "model.drop_path=0.1",
+    "model.dropout=0.1",
+    "train.mixup_alpha=0.2",
+    "train.cutmix_alpha=1.0",
+    "train.loss=bce",
+    "train.ema_decay=0.9",
+    "train.eval_flip=true",
+    "optim.name=lamb",
+    "optim.lr=0.004",
+    "optim.weight_decay=0.02",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", DALI])
+def test_every_ingredient_on_a_run_killed_mid_epoch_resumes_to_the_same_weights(shards, tmp_path, backend):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    same = (
+        f"data.backend={backend}",
+        "data.workers=1",
+        "data.shuffle_buffer=16",
+        "train.batch_size=4",  # 4 steps an epoch
+        "train.epochs=2",
+        "train.deterministic=true",
+        "run.checkpoint_every=1",
+        "run.keep_last=10",
+        *EVERYTHING,
+    )
+    assert train_ddp.main(small_run(shards, whole, *same)) == 0
+    lines = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [line["train_size"] for line in lines] == [16, 32]
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((whole / "step-00000006.pt").read_bytes())  # killed in epoch 2
+    assert load(resumed / "last.pt")["batch_in_epoch"] == 2
+    assert train_ddp.main(small_run(shards, resumed, *same)) == 0
+    a, b = load(whole / "last.pt"), load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["ema"].items():
+        assert torch.equal(value, b["ema"][key]), key
