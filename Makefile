@@ -19,14 +19,16 @@ install: $(VENV)/.installed
 
 # The main job end to end on a real dataset that ships offline (scikit-learn's digits): write it as
 # JPEG folders, pack and verify shards, train on 2 CPU processes (torchrun + gloo, DALI CPU, W&B
-# offline without a key), classify the held-out test digits, re-evaluate the checkpoint, export it to
-# ONNX and classify the test digits again on onnxruntime. Then pack
-# the bundled Tiny ImageNet-layout sample, whose val labels only its annotation file gives.
+# offline without a key), train again with torchvision's recipe ingredients (TrivialAugment, random
+# erasing, MixUp, CutMix, EMA, progressive resizing), classify the held-out test digits, re-evaluate
+# the checkpoint, export it to ONNX and classify the test digits again on onnxruntime. Then pack the
+# bundled Tiny ImageNet-layout sample, whose val labels only its annotation file gives.
 demo: install
 	$(PY) -m imagenet_ddp.demo_data --out $(DEMO_SRC)
 	$(PY) make_shards.py folder --src $(DEMO_SRC) --out $(DEMO_OUT) --shard-size 100 --workers 2
 	$(PY) make_shards.py verify $(DEMO_OUT)/train $(DEMO_OUT)/val --against-source
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train_ddp.py --config configs/demo.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train_ddp.py --config configs/demo_torchvision.yaml
 	$(PY) predict.py --checkpoint runs/demo/best.pt $(DEMO_SRC)/test --topk 3 --lang es
 	$(PY) predict.py --checkpoint runs/demo/best.pt --evaluate $(DEMO_OUT)/val
 	$(PY) predict.py --checkpoint runs/demo/best.pt --export runs/demo/model.onnx
