@@ -388,11 +388,14 @@ except UserError as e:
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
-def test_dali_train_graph_of_cuda_devices_runs(shards):
+@pytest.mark.parametrize("policy", ["none", "ta_wide", "ra", "imagenet"])
+def test_dali_train_graph_of_cuda_devices_runs(shards, policy):
     # No GPU here: run the graph that CUDA devices use (DALI resizes, not torchvision) on CPU threads.
+    from imagenet_ddp.data.augment import settings
     from imagenet_ddp.data.dali_backend import _pipeline
 
     split = open_split(shards, "train")
+    augment = settings(DataConfig(auto_augment=policy))
     pipe = _pipeline(
         paths=[str(s.path) for s in split.shards],
         index_paths=[str(s.index_path) for s in split.shards],
@@ -403,6 +406,8 @@ def test_dali_train_graph_of_cuda_devices_runs(shards):
         shuffle_buffer=16,
         crop_only=False,
         crop_area=(0.08, 1.0),
+        augment=augment,
+        enable_conditionals=policy != "none",
         batch_size=BATCH,
         num_threads=1,
         device_id=None,
