@@ -198,28 +198,21 @@ def step_lr_at(
     return base_lr * step_gamma ** (epoch // step_epochs)
 
 
-def _cosine(cfg: Config) -> Callable[[int], float]:
-    o, d = cfg.optim, cfg.derived
-    return partial(
-        lr_at,
-        base_lr=d.lr,
-        total_steps=d.total_steps,
-        warmup_steps=d.warmup_steps,
-        warmup_start_factor=o.warmup_start_factor,
-        min_lr_factor=o.min_lr_factor,
-    )
+def _decay_to_min(shape: Callable[..., float]) -> Callable[[Config], Callable[[int], float]]:
+    """A schedule that warms up, then decays to min_lr_factor * lr over the run by `shape`."""
 
+    def build(cfg: Config) -> Callable[[int], float]:
+        o, d = cfg.optim, cfg.derived
+        return partial(
+            shape,
+            base_lr=d.lr,
+            total_steps=d.total_steps,
+            warmup_steps=d.warmup_steps,
+            warmup_start_factor=o.warmup_start_factor,
+            min_lr_factor=o.min_lr_factor,
+        )
 
-def _linear(cfg: Config) -> Callable[[int], float]:
-    o, d = cfg.optim, cfg.derived
-    return partial(
-        linear_lr_at,
-        base_lr=d.lr,
-        total_steps=d.total_steps,
-        warmup_steps=d.warmup_steps,
-        warmup_start_factor=o.warmup_start_factor,
-        min_lr_factor=o.min_lr_factor,
-    )
+    return build
 
 
 def _step(cfg: Config) -> Callable[[int], float]:
@@ -236,8 +229,8 @@ def _step(cfg: Config) -> Callable[[int], float]:
 
 
 SCHEDULES: dict[str, Callable[[Config], Callable[[int], float]]] = {
-    "cosine": _cosine,
-    "linear": _linear,
+    "cosine": _decay_to_min(lr_at),
+    "linear": _decay_to_min(linear_lr_at),
     "step": _step,
 }
 
