@@ -54,4 +54,4 @@ bench: install
 	$(PY) -m imagenet_ddp.bench shards
 
 clean:
-	rm -rf $(DEMO_OUT) $(DEMO_SRC) shards/tiny-sample runs/demo .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_SRC) shards/tiny-sample runs/demo runs/demo_torchvision .pytest_cache

@@ -68,6 +68,12 @@ def train(cfg, env, stop) -> int:
             raise UserError(
                 f"{found[1]} holds a {ckpt['architecture']} model, not {arch}: choose another run.dir"
             )
+        saved_optimizer = ckpt["config"]["optim"].get("name", "sgd")  # runs before optim.name: SGD
+        if saved_optimizer != cfg.optim.name:
+            raise UserError(
+                f"{found[1]} was trained with optim.name={saved_optimizer}, not {cfg.optim.name}: its "
+                "optimizer state does not carry over; keep the optimizer or choose another run.dir"
+            )
         state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
     facts = run_facts(env.device, train_loader, val_loader, data.root) if env.is_main else None
     tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None, facts)
@@ -95,7 +101,12 @@ def train(cfg, env, stop) -> int:
             )
     static = {
         **ck.inference_info(
-            arch, train_loader.classes, train_loader.class_names, d.eval_resize, data.eval_size
+            arch,
+            train_loader.classes,
+            train_loader.class_names,
+            d.eval_resize,
+            data.eval_size,
+            cfg.train.eval_flip,
         ),
         "config": to_dict(cfg),
         "world_size": env.world_size,

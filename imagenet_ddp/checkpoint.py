@@ -48,7 +48,7 @@ _STEP_FILE = re.compile(r"step-(\d{8,})\.pt$")
 
 
 def inference_info(
-    architecture: dict, classes: list[str], class_names: list[str], resize: int, crop: int
+    architecture: dict, classes: list[str], class_names: list[str], resize: int, crop: int, flip: bool = False
 ) -> dict:
     """The part of a checkpoint predict.py needs besides the weights: the checkpoint contract."""
     from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
@@ -64,6 +64,7 @@ def inference_info(
             "mean": list(IMAGENET_MEAN),  # of RGB values scaled to [0, 1]
             "std": list(IMAGENET_STD),
             "interpolation": "bilinear",
+            "flip": flip,  # validation averaged the logits of the image and its mirror (train.eval_flip)
         },
     }
 

@@ -404,7 +404,10 @@ def validate(cfg: Config) -> Config:
             t.loss == "bce" or not t.bce_target_threshold,
             "train.bce_target_threshold applies to train.loss=bce",
         ),
-        (o.momentum > 0 or not o.nesterov, "optim.nesterov=true needs optim.momentum > 0"),
+        (
+            o.momentum > 0 or not o.nesterov or o.name not in ("sgd", "lars"),
+            "optim.nesterov=true needs optim.momentum > 0",
+        ),
         (o.schedule != "step" or not o.min_lr_factor, "optim.min_lr_factor applies to cosine and linear"),
         (
             t.mixup_alpha >= 0 and t.cutmix_alpha >= 0,

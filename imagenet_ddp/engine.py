@@ -203,7 +203,7 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
         env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
     )
     # SGD is fused: one kernel for all parameters, and it skips a non-finite step on the device. The
-    # other optimizers (timm's) skip on the host: one sync per step (optim.py, _step_unless).
+    # other optimizers (timm's) skip on the host: one sync per step (_step_unless).
     head = model.get_submodule(head_name(cfg.model.name)) if o.backbone_lr_mult != 1.0 else None
     groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias, head, o.backbone_lr_mult)
     optimizer = build_optimizer(groups, o, d.lr, env.device)
@@ -422,7 +422,7 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
         for row, model in zip(totals, models.values(), strict=True):
             with _autocast(state):
                 logits = model(images).float()
-                if getattr(state, "eval_flip", False):  # FFCV's lr_tta; predict.py's classifier has none
+                if state.eval_flip:  # FFCV's lr_tta
                     logits = (logits + model(images.flip(3)).float()) / 2
             logits = logits[valid]
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]

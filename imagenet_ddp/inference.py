@@ -44,7 +44,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ImageError(Exception):
-    """One file that cannot be classified; the message is the reason, shown on its line."""
+    """One file that cannot be classified; the message is the reason, shown on its line. `code` names
+    the kind of reason for the web page, which tells it in the user's language: empty, not_an_image,
+    too_many_pixels, damaged or unreadable."""
+
+    def __init__(self, message: str, code: str = "unreadable"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -64,29 +70,30 @@ def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`data` decoded to an upright RGB image (EXIF orientation applied, alpha on white), or ImageError
     (also when it has more than `max_pixels` pixels, told by the header before decoding)."""
     if not data:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette remarks
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
-            raise ImageError(f"decompression bomb: {e}") from None
+            raise ImageError(f"decompression bomb: {e}", "too_many_pixels") from None
         except UnidentifiedImageError:
-            raise ImageError("not an image (unrecognized format)") from None
+            raise ImageError("not an image (unrecognized format)", "not_an_image") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(f"unreadable image header: {e}") from None
+            raise ImageError(f"unreadable image header: {e}", "damaged") from None
         width, height = img.size
         if width * height > max_pixels:  # before decoding: the header alone tells
             raise ImageError(
                 f"too many pixels: {width} x {height} = {width * height / 1e6:.0f} Mpx, "
-                f"more than the limit of {max_pixels / 1e6:.0f} Mpx"
+                f"more than the limit of {max_pixels / 1e6:.0f} Mpx",
+                "too_many_pixels",
             )
         try:
             img.load()
             img = ImageOps.exif_transpose(img)
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
             # PIL's own words: "image file is truncated (12 bytes not processed)", "broken PNG file"...
-            raise ImageError(f"cannot decode this {img.format}: {e}") from None
+            raise ImageError(f"cannot decode this {img.format}: {e}", "damaged") from None
     return to_rgb(img)
 
 
@@ -120,6 +127,7 @@ class Classifier:
             self.resize, self.crop = int(pre["resize"]), int(pre["crop"])
             self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
             self.interpolation = InterpolationMode(pre.get("interpolation", "bilinear"))
+            self.eval_flip = bool(pre.get("flip", False))  # --evaluate averages in the mirror's logits
             weights = ckpt["ema"] if ema else ckpt["model"]
         except (KeyError, TypeError, ValueError) as e:
             raise ck.CheckpointError(f"{source} lacks what predict needs ({type(e).__name__}: {e})") from None

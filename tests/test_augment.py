@@ -71,11 +71,14 @@ def crops(source) -> torch.Tensor:
     return torch.stack([F.resize(image, [SIDE, SIDE], antialias=True) for image in images])
 
 
+BILINEAR = v2.InterpolationMode.BILINEAR  # what torchvision's reference recipe gives its policies
+
+
 def torchvision_transform(policy: str) -> v2.Transform:
     return {
-        "ta_wide": v2.TrivialAugmentWide(),
-        "ra": v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31),
-        "imagenet": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+        "ta_wide": v2.TrivialAugmentWide(interpolation=BILINEAR),
+        "ra": v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31, interpolation=BILINEAR),
+        "imagenet": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=BILINEAR),
     }[policy]
 
 
@@ -105,7 +108,10 @@ def test_ra_with_magnitude_std_is_torchvisions_randaugment_at_the_drawn_bin(crop
         torch.manual_seed(i)
         drawn = round_bin(15 + 5.0 * float(torch.randn(())))  # first draw: the bin, then RandAugment's
         bins.add(drawn)
-        assert torch.equal(ours(crop, i), on_pil(v2.RandAugment(2, drawn, num_magnitude_bins=31), crop))
+        assert torch.equal(
+            ours(crop, i),
+            on_pil(v2.RandAugment(2, drawn, num_magnitude_bins=31, interpolation=BILINEAR), crop),
+        )
     assert len(bins) > 5
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import make_shards
+import predict
 import train_ddp
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.config import load_config
@@ -95,7 +96,9 @@ EVERYTHING = (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", DALI])
-def test_every_ingredient_on_a_run_killed_mid_epoch_resumes_to_the_same_weights(shards, tmp_path, backend):
+def test_every_ingredient_on_a_run_killed_mid_epoch_resumes_to_the_same_weights(
+    shards, tmp_path, backend, capsys
+):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     same = (
         f"data.backend={backend}",
@@ -121,3 +124,15 @@ def test_every_ingredient_on_a_run_killed_mid_epoch_resumes_to_the_same_weights(
         assert torch.equal(value, b["model"][key]), key
     for key, value in a["ema"].items():
         assert torch.equal(value, b["ema"][key]), key
+    # predict.py --evaluate scores the checkpoint as validation did, flip averaging included.
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(whole / "last.pt"), "--evaluate", str(shards / "val")]) == 0
+    assert f"top-1 {lines[-1]['val_top1']:.2%}" in capsys.readouterr().out
+    assert a["preprocess"]["flip"] is True
+
+
+def test_a_run_is_not_resumed_with_another_optimizer(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_ddp.main(small_run(shards, run, "train.epochs=1", "data.backend=synthetic")) == 0
+    assert train_ddp.main(small_run(shards, run, "train.epochs=2", "optim.name=lamb")) == 2
+    assert "was trained with optim.name=sgd, not lamb" in capsys.readouterr().err

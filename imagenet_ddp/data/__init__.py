@@ -129,10 +129,11 @@ class DataConfig:
                 f"data.progressive_start_epoch ({self.progressive_start_epoch}) must be >= 0 and before "
                 f"data.progressive_end_epoch ({self.progressive_end_epoch})"
             )
-        if self.progressive_step < 1 or self.progressive_start_size % self.progressive_step:
+        step = self.progressive_step
+        if step < 1 or self.progressive_start_size % step or self.image_size % step:
             raise UserError(
-                f"data.progressive_step ({self.progressive_step}) must be >= 1 and divide "
-                f"data.progressive_start_size ({self.progressive_start_size})"
+                f"data.progressive_step ({step}) must be >= 1 and divide data.progressive_start_size "
+                f"({self.progressive_start_size}) and data.image_size ({self.image_size}): the ramp rounds to it"
             )
 
 

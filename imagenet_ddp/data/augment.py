@@ -20,8 +20,9 @@ torchvision's are used:
 - imagenet: DALI's auto_augment_image_net is another policy (TF's EfficientNet "v0": 25 other
   sub-policies with solarize_add and translate_y, 11 bins); torchvision's table is run with
   DALI's apply_auto_augment instead;
-- fill 0 (torchvision's default for uint8; DALI's is 128) and nearest-neighbour interpolation
-  (torchvision's default; DALI's is linear) in shear, translate and rotate;
+- fill 0 (torchvision's default for uint8; DALI's is 128) and bilinear interpolation in shear,
+  translate and rotate (what torchvision's reference recipe passes to its policies, whose own
+  default is nearest; DALI's default is linear too);
 - translations in whole pixels, truncated toward zero as torchvision does: ta_wide up to 32 px
   (DALI's default too), ra up to 150/331 of the side (DALI's default: 100 px);
 - ta_wide's enhance ops (brightness, color, contrast, sharpness) span factors 1 +- [0, 0.99]
@@ -29,8 +30,7 @@ torchvision's are used:
 What stays different, pixel by pixel, not in kind: Equalize follows PIL on torchvision and OpenCV
 on DALI (the lookup tables differ by a level or two); Sharpness keeps the 1-pixel border on
 torchvision, DALI filters it too; blends (brightness, contrast, color, sharpness) truncate to
-uint8 on torchvision and round on DALI; nearest-neighbour sampling in rotations and shears may
-pick the neighbouring pixel where a source coordinate falls near a pixel edge.
+uint8 on torchvision and round on DALI; PIL's and DALI's bilinear warps round differently.
 """
 
 from __future__ import annotations
@@ -63,11 +63,18 @@ def round_bin(value: float) -> int:
 # --- torch backend: torchvision.transforms.v2 ---------------------------------------------------
 
 
+# torchvision's reference recipe (references/classification/presets.py) gives its policies
+# bilinear interpolation; the transforms' own default is nearest.
+INTERPOLATION = v2.InterpolationMode.BILINEAR
+
+
 class _RandAugmentDrawnBin(v2.RandAugment):
     """torchvision's RandAugment, its magnitude bin drawn per image from N(mean, std) first."""
 
     def __init__(self, num_ops: int, mean: int, std: float):
-        super().__init__(num_ops=num_ops, magnitude=mean, num_magnitude_bins=NUM_BINS)
+        super().__init__(
+            num_ops=num_ops, magnitude=mean, num_magnitude_bins=NUM_BINS, interpolation=INTERPOLATION
+        )
         self.mean, self.std = mean, std
 
     def forward(self, *inputs):
@@ -78,13 +85,18 @@ class _RandAugmentDrawnBin(v2.RandAugment):
 def _torch_rand_augment(cfg) -> v2.Transform:
     if cfg.ra_magnitude_std > 0:
         return _RandAugmentDrawnBin(cfg.ra_num_ops, cfg.ra_magnitude, cfg.ra_magnitude_std)
-    return v2.RandAugment(num_ops=cfg.ra_num_ops, magnitude=cfg.ra_magnitude, num_magnitude_bins=NUM_BINS)
+    return v2.RandAugment(
+        num_ops=cfg.ra_num_ops,
+        magnitude=cfg.ra_magnitude,
+        num_magnitude_bins=NUM_BINS,
+        interpolation=INTERPOLATION,
+    )
 
 
 _TORCH: dict[str, Callable[..., v2.Transform]] = {
-    "ta_wide": lambda cfg: v2.TrivialAugmentWide(num_magnitude_bins=NUM_BINS),
+    "ta_wide": lambda cfg: v2.TrivialAugmentWide(num_magnitude_bins=NUM_BINS, interpolation=INTERPOLATION),
     "ra": _torch_rand_augment,
-    "imagenet": lambda cfg: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    "imagenet": lambda cfg: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=INTERPOLATION),
 }
 
 
@@ -103,7 +115,7 @@ class TorchPolicy:
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's only (torch.manual_seed: every GPU's too)
             pil = self.transform(pil)
         return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
 
@@ -174,7 +186,7 @@ def _dali_ops(max_translate: float, shear: float, rotate: float, enhance: tuple,
 def _dali_kwargs() -> dict:
     import nvidia.dali.types as types
 
-    return {"fill_value": FILL, "interp_type": types.INTERP_NN}
+    return {"fill_value": FILL, "interp_type": types.INTERP_LINEAR}
 
 
 def dali_magnitude_bin(mean: int, std: float):

@@ -56,7 +56,9 @@ class BatchAugment:
         if not self.active:
             return images, labels
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(_STREAM, self.seed, self.rank, epoch, batch))
+            # The CPU generator only (torch.manual_seed would reseed every GPU's too, where the
+            # model's dropout and drop path draw; fork_rng(devices=[]) restores only the CPU's).
+            torch.default_generator.manual_seed(derive_seed(_STREAM, self.seed, self.rank, epoch, batch))
             if self.erase is not None:
                 # Per image, as torchvision's recipe applies it (a v2 transform given a batch erases
                 # one box in all of its images); a new batch: a loader may hand out the same one twice.
