@@ -7,9 +7,11 @@
     GET  /api/info      {"model", "num_classes", "languages": {code: name}, "lang", "topk", "max_upload_bytes"}
     POST /api/predict   body: the image file as is; ?lang=es&topk=5 -> {"lang", "top": [{"class_index",
                         "wnid", "name_en", "name", "probability"}, ...]}
-    Errors are {"error": "one line"}: 400 bad lang/topk or Content-Length, 408 body not in within 60 s,
-    411 no length, 413 too large, 415 not an image (or more pixels than max_pixels), 503 busy
-    (max_concurrent predictions running).
+    Errors are {"error": "one line in English", "code": "..."}: 400 bad_lang, bad_topk or bad_length
+    (Content-Length), 403 wrong_host, 404 not_found, 408 timeout (body not in within 60 s), 411
+    no_length, 413 too_large, 415 empty, not_an_image, too_many_pixels (more than max_pixels) or
+    damaged, 503 busy (max_concurrent predictions running). The page words each code in the user's
+    language (web/i18n.js); the JSON API and the CLI speak English.
 
 Binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to a loopback name
 (a web page elsewhere cannot reach it through DNS rebinding). Standard library only (http.server):
@@ -35,6 +37,7 @@ STATIC = {
     "/": ("index.html", "text/html"),
     "/app.js": ("app.js", "text/javascript"),
     "/style.css": ("style.css", "text/css"),
+    "/i18n.js": ("i18n.js", "text/javascript"),
 }
 LANGUAGE_NAMES = {
     "en": "English",
@@ -63,6 +66,11 @@ BODY_DEADLINE_S = 60  # the whole upload must arrive within this (a client trick
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def error(code: str, message: str) -> dict:
+    """An error answer: `message` for people reading JSON, `code` for the page to word in their language."""
+    return {"error": message, "code": code}
 
 
 class App:
@@ -106,20 +114,20 @@ class App:
     def predict(self, data: bytes, query: dict[str, list[str]]) -> tuple[int, dict]:
         lang = query.get("lang", [self.lang])[-1]
         if lang not in self.languages:
-            return 400, {
-                "error": f"no class names for language {lang!r}; available: {', '.join(self.languages)}"
-            }
+            return 400, error(
+                "bad_lang", f"no class names for language {lang!r}; available: {', '.join(self.languages)}"
+            )
         try:
             topk = int(query.get("topk", [self.topk])[-1])
         except ValueError:
             topk = 0
         if not 1 <= topk <= self.clf.num_classes:
-            return 400, {"error": f"topk must be a whole number from 1 to {self.clf.num_classes}"}
+            return 400, error("bad_topk", f"topk must be a whole number from 1 to {self.clf.num_classes}")
         try:
             # Decoding runs in parallel (up to max_concurrent), outside the lock.
             image = self.clf.preprocess(load_image(data, self.max_pixels))
         except ImageError as e:
-            return 415, {"error": str(e)}
+            return 415, error(e.code, str(e))
         with self.lock:
             [prediction] = self.clf.predict([image], topk, lang)
         return 200, as_record(None, prediction, lang)
@@ -138,7 +146,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, self.app.info())
         if url.path not in self.app.files:
             return self._json(
-                404, {"error": f"no page {url.path}; the page is /, the API /api/info and /api/predict"}
+                404,
+                error("not_found", f"no page {url.path}; the page is /, the API /api/info and /api/predict"),
             )
         body, kind = self.app.files[url.path]
         self._send(200, body, f"{kind}; charset=utf-8")
@@ -148,14 +157,20 @@ class Handler(BaseHTTPRequestHandler):
         if not self._host_allowed():
             return
         if url.path != "/api/predict":
-            return self._json(404, {"error": f"no endpoint {url.path}; POST the image to /api/predict"})
+            return self._json(
+                404, error("not_found", f"no endpoint {url.path}; POST the image to /api/predict")
+            )
         given = self.headers.get("Content-Length")
         if given is None or "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True  # a body may follow that this server will not read
-            return self._json(411, {"error": "send the image as the request body, with a Content-Length"})
+            return self._json(
+                411, error("no_length", "send the image as the request body, with a Content-Length")
+            )
         if not given.strip().isascii() or not given.strip().isdigit():  # int() takes "-1", "+5", "1_000"
             self.close_connection = True
-            return self._json(400, {"error": f"Content-Length must be a number of bytes, not {given!r}"})
+            return self._json(
+                400, error("bad_length", f"Content-Length must be a number of bytes, not {given!r}")
+            )
         length, limit = int(given), self.app.max_upload_bytes
         if length > limit:
             left = length if length <= DRAIN_LIMIT else 0
@@ -163,15 +178,15 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
             self.close_connection = True
             message = f"the upload is {_megabytes(length)}: larger than the limit of {_megabytes(limit)}"
-            return self._json(413, {"error": message})
+            return self._json(413, error("too_large", message))
         data = self._read_body(length)
         if data is None:
             self.close_connection = True
-            return self._json(408, {"error": f"the upload did not arrive within {BODY_DEADLINE_S} s"})
+            return self._json(408, error("timeout", f"the upload did not arrive within {BODY_DEADLINE_S} s"))
         # The slot covers decoding and the forward pass only: a slow upload holds no slot.
         if not self.app.slots.acquire(timeout=BUSY_WAIT_S):
             busy = f"busy: all {self.app.max_concurrent} prediction slots are taken; try again"
-            return self._json(503, {"error": busy})
+            return self._json(503, error("busy", busy))
         try:
             status, body = self.app.predict(data, parse_qs(url.query))
         finally:
@@ -203,7 +218,9 @@ class Handler(BaseHTTPRequestHandler):
         host = _host_name(self.headers.get("Host") or "")
         if not self.app.loopback_only or host in LOOPBACK_NAMES:
             return True
-        self._json(403, {"error": f"this server answers requests for 127.0.0.1 or localhost, not {host!r}"})
+        self._json(
+            403, error("wrong_host", f"this server answers requests for 127.0.0.1 or localhost, not {host!r}")
+        )
         return False
 
     def _json(self, status: int, body: dict) -> None:
