@@ -80,6 +80,19 @@ class DataConfig:
     progressive_start_epoch: int = 0
     progressive_end_epoch: int = 0
     progressive_step: int = 32
+    # torch backend: where JPEGs are decoded. cuda: the workers only read bytes, the main process
+    # decodes each batch with nvJPEG and crops, resizes, flips and normalizes on the GPU; auto: cuda
+    # on a CUDA device, else cpu (the workers decode with libjpeg-turbo).
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # dali backend on a GPU (nvJPEG, `mixed`): the share of JPEGs sent to the A100/H100 hardware
+    # decoder (DALI's default 0.65; MLPerf submissions use 0.99), the pipeline's prefetch depth, and
+    # the decoder's preallocations (NVIDIA's ResNet-50 example: ImageNet's largest image).
+    dali_hw_decoder_load: float = 0.65
+    dali_prefetch_queue_depth: int = 2
+    dali_device_memory_padding: int = 211_025_920
+    dali_host_memory_padding: int = 140_544_512
+    dali_preallocate_width_hint: int = 5980
+    dali_preallocate_height_hint: int = 6430
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
