@@ -36,8 +36,11 @@ try:
 except ImportError:
     HAS_DALI = False
 DALI = pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed"))
-REAL = ["torch", DALI]
-ALL = ["torch", DALI, "synthetic"]
+# The torch backend decoding in the main process (data.decode_device=cuda, gpu_decode.py), on the
+# loader's device: here the CPU, libjpeg-turbo standing in for nvJPEG.
+TORCH_ON_DEVICE = "torch-decode-on-device"
+REAL = ["torch", TORCH_ON_DEVICE, DALI]
+ALL = ["torch", TORCH_ON_DEVICE, DALI, "synthetic"]
 
 
 def make_shards(src: Path, out: Path, shard_size: int) -> Path:
@@ -81,6 +84,8 @@ def one_shard(source, tmp_path_factory) -> Path:
 
 
 def config(root, backend, **kw) -> DataConfig:
+    if backend == TORCH_ON_DEVICE:
+        backend, kw = "torch", {"decode_device": "cuda", **kw}
     args = dict(root=str(root), backend=backend, image_size=SIZE, eval_size=SIZE, batch_size=BATCH, workers=2)
     return DataConfig(**{**args, **kw})
 
@@ -499,7 +504,7 @@ def many_shards(source, tmp_path_factory) -> Path:
     return make_shards(source, tmp_path_factory.mktemp("many"), 2)
 
 
-@pytest.mark.parametrize("backend", REAL)
+@pytest.mark.parametrize("backend", ["torch", DALI])  # a worker-side limit: decoding does not change it
 def test_more_shards_than_the_open_file_soft_limit_still_load(many_shards, backend):
     """ImageNet packs 1,025 train shards; clusters often set a soft limit of 1,024 (SLURM passes the
     user's on). Here 130 shards under a soft limit of 100: the DALI backend raises the soft limit to

@@ -4,7 +4,9 @@
 
 Each worker reads its share of the rank's samples through the shards' DALI index files (one read
 per sample, no tar parsing), shuffles them in a buffer, decodes with torchvision.io.decode_jpeg
-(libjpeg-turbo, as DALI's CPU decoder) and crops to uint8. Normalization happens on the device.
+(libjpeg-turbo, as DALI's CPU decoder) and crops to uint8. Normalization happens on the device. With data.decode_device=cuda (the default
+on a CUDA device) the workers only read the JPEG bytes and draw the crops, and the main process
+decodes each batch on the device (nvJPEG) and crops there: see gpu_decode.py.
 
 Why not webdataset's own pipeline: it splits ranks and workers by whole files, so with uneven
 files the ranks get unequal step counts, and with fewer files than ranks x workers some readers
@@ -26,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from imagenet_ddp.data import plan
+from imagenet_ddp.data import gpu_decode, plan
 from imagenet_ddp.data.augment import torch_policy
 from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
@@ -45,17 +47,20 @@ Sample = tuple[memoryview, int, str]  # jpg bytes, label, "shard PATH, sample KE
 
 
 class ShardSamples(IterableDataset):
-    """(uint8 image, label) of one rank, split among DataLoader workers by batch."""
+    """(uint8 image, label) of one rank, split among DataLoader workers by batch; with
+    decode=False, undecoded samples (gpu_decode.Encoded) for the main process to decode."""
 
-    def __init__(self, cfg, shards: ShardSplit, *, rank: int, world_size: int, seed: int, train: bool):
+    def __init__(
+        self, cfg, shards: ShardSplit, *, rank: int, world_size: int, seed: int, train: bool, decode: bool
+    ):
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
-        self.seed, self.train, self.epoch = seed, train, 0
+        self.seed, self.train, self.epoch, self.decode = seed, train, 0, decode
         self.skip = 0  # train batches at the start of the epoch to skip (TorchLoader.iter_from)
         self.sizes = [s.num_samples for s in shards.shards]
         self._indexes: dict[int, SampleIndex] = {}
         self.policy = torch_policy(cfg) if train else None  # after the flip (augment.py)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | gpu_decode.Encoded]:
         # torchvision 0.29 (the pinned version) deprecates its decoders for torchcodec and warns on
         # every call; decode_jpeg is still the fastest decoder available here (about 20% ahead of PIL).
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning, "torchvision.io.image")
@@ -72,20 +77,30 @@ class ShardSamples(IterableDataset):
             # uninterrupted pass's), but not decoded; a 1x1 placeholder stands for each image.
             skipped = len(range(reader, self.skip, readers)) * b
             for n, sample in enumerate(_shuffled(self._read(pieces), self.cfg.shuffle_buffer, rng)):
-                if n < skipped:
+                if not self.decode:  # the same draws from the header; no bytes for a skipped sample
+                    box, flip, policy_seed = self._draw_crop(sample, rng)
+                    yield b"" if n < skipped else sample[0], sample[1], box, flip, policy_seed, sample[2]
+                elif n < skipped:
                     self._draw_crop(sample, rng)
                     yield self._layout(torch.zeros(3, 1, 1, dtype=torch.uint8)), sample[1]
                 else:
                     yield self._train_image(sample, rng), sample[1]
             return
-        pad = self._layout(torch.zeros(3, self.cfg.eval_size, self.cfg.eval_size, dtype=torch.uint8))
+        if self.decode:
+            pad = self._layout(torch.zeros(3, self.cfg.eval_size, self.cfg.eval_size, dtype=torch.uint8))
+            pad = pad, PAD_LABEL
+        else:
+            pad = b"", PAD_LABEL, gpu_decode.NO_BOX, False, 0, "padding"
         for pieces in plan.eval_batches(self.sizes, self.rank, self.world_size, b, reader, readers):
             count = 0
             for sample in self._read(pieces):
                 count += 1
-                yield self._eval_image(sample), sample[1]
+                if self.decode:
+                    yield self._eval_image(sample), sample[1]
+                else:
+                    yield sample[0], sample[1], gpu_decode.NO_BOX, False, 0, sample[2]
             for _ in range(b - count):
-                yield pad, PAD_LABEL
+                yield pad
 
     def _draws(
         self, rng: random.Random, height: int, width: int
@@ -104,14 +119,14 @@ class ShardSamples(IterableDataset):
         image = F.horizontal_flip(image) if flip else image
         return self._layout(image if self.policy is None else self.policy(image, policy_seed))
 
-    def _draw_crop(self, sample: Sample, rng: random.Random) -> None:
+    def _draw_crop(self, sample: Sample, rng: random.Random) -> tuple[tuple[int, int, int, int], bool, int]:
         """The random draws of _train_image for `sample`, from its JPEG header alone."""
         try:
             with Image.open(io.BytesIO(sample[0])) as image:
                 width, height = image.size
         except (OSError, SyntaxError):
             raise UserError(f"{sample[2]}: cannot read its JPEG header") from None
-        self._draws(rng, height, width)
+        return self._draws(rng, height, width)
 
     def _eval_image(self, sample: Sample) -> torch.Tensor:
         image = _decode(sample)
@@ -180,13 +195,27 @@ class TorchLoader(Loader):
         super().__init__(
             **shard_loader_fields(shards, world_size=world_size, batch_size=cfg.batch_size, train=train)
         )
-        self.device, self.channels_last = device, cfg.channels_last
-        self.dataset = ShardSamples(cfg, shards, rank=rank, world_size=world_size, seed=seed, train=train)
+        self.device, self.channels_last, self.cfg = device, cfg.channels_last, cfg
+        on_device = gpu_decode.resolve(cfg.decode_device, device) == "cuda"
+        self.dataset = ShardSamples(
+            cfg, shards, rank=rank, world_size=world_size, seed=seed, train=train, decode=not on_device
+        )
+        self.decoder = None
+        if on_device:  # decode_device=cuda: this process decodes on `device` (the CPU in tests)
+            self.decoder = gpu_decode.DeviceDecoder(
+                device=device,
+                channels_last=cfg.channels_last,
+                eval_size=cfg.eval_size,
+                eval_resize=eval_resize(cfg),
+                policy=self.dataset.policy,
+            )
         self._loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
             num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
+            collate_fn=gpu_decode.collate if on_device else None,
+            # Pinned uint8 images go faster to the GPU; JPEG bytes stay on the host (nvJPEG parses them there).
+            pin_memory=device.type == "cuda" and not on_device,
             # Fresh workers each epoch: they fork with the current epoch number in the dataset.
             persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None,
@@ -211,15 +240,17 @@ class TorchLoader(Loader):
             self.dataset.skip = 0
 
     def _batches(self):
+        skip = self.dataset.skip if self.train else 0  # read as the pass starts (inside iter_from)
+        size = train_size(self.cfg, self.epoch) if self.train else None
         batches = iter(self._loader)
         try:
-            for images, labels in batches:
-                if self.channels_last:
-                    images = images.permute(0, 3, 1, 2)  # [B,H,W,3] memory seen as [B,3,H,W]
-                yield (
-                    to_model_input(images, self.device, self.channels_last),
-                    labels.to(self.device, non_blocking=True),
-                )
+            for n, batch in enumerate(batches):
+                if self.decoder is not None and n < skip:
+                    yield torch.empty(0), batch.labels  # no bytes: iter_from drops it undecoded
+                elif self.decoder is not None:
+                    yield self.decoder(batch, size)
+                else:
+                    yield self._from_workers(batch)
         except UserError as e:
             # A worker's error arrives wrapped with its traceback; keep the one line meant for the user.
             line = str(e).strip().splitlines()[-1]
@@ -228,3 +259,10 @@ class TorchLoader(Loader):
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()  # at once, rather than whenever the iterator is garbage collected
+
+    def _from_workers(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # [B,H,W,3] memory seen as [B,3,H,W]
+        images = to_model_input(images, self.device, self.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
