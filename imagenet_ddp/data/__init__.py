@@ -81,8 +81,9 @@ class DataConfig:
     progressive_end_epoch: int = 0
     progressive_step: int = 32
     # torch backend: where JPEGs are decoded. cuda: the workers only read bytes, the main process
-    # decodes each batch with nvJPEG and crops, resizes, flips and normalizes on the GPU; auto: cuda
-    # on a CUDA device, else cpu (the workers decode with libjpeg-turbo).
+    # decodes each batch with nvJPEG and crops, resizes, flips and normalizes on the GPU (on a CPU
+    # device: the same path with the CPU decoder, as the tests run it); auto: cuda on a CUDA device,
+    # else cpu (the workers decode with libjpeg-turbo).
     decode_device: Literal["auto", "cpu", "cuda"] = "auto"
     # dali backend on a GPU (nvJPEG, `mixed`): the share of JPEGs sent to the A100/H100 hardware
     # decoder (DALI's default 0.65; MLPerf submissions use 0.99), the pipeline's prefetch depth, and
