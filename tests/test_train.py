@@ -377,6 +377,7 @@ def test_a_run_learns_and_its_checkpoint_alone_rebuilds_the_model(shards, tmp_pa
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "interpolation": "bilinear",
+        "flip": False,  # train.eval_flip
     }
     assert ckpt["metrics"]["val_top1"] == max(m["val_top1"] for m in metrics)
 
