@@ -1,42 +1,58 @@
-"""The checks of the GPU path that no CPU can make, in one command for a machine with a GPU.
+"""The GPU path in one command: ResNet training images/s fed by each loader, nvJPEG, fp16, NCCL DDP,
+peak memory, and the checks no CPU can make, all within a time budget.
 
-    python -m imagenet_ddp.bench gpu [--out DIR]            # needs CUDA; exits 2 with one line without
-    python -m imagenet_ddp.bench gpu --device cpu --size 32  # the same checks where they apply, on CPU
+    python -m imagenet_ddp.bench gpu [--minutes 8] [--out DIR]      # needs CUDA; exits 2 with one line without
+    python -m imagenet_ddp.bench gpu --device cpu --models resnet18 --sizes 32 --batch-sizes 4 --steps 2 \
+        --images 64 --compile off --minutes 5                        # the same measurements where they apply
 
-Each check prints one line (pass, FAIL or n/a with why) and all go to DIR/gpu.json:
+Measured (gpu_throughput.py says how), in this order of priority:
+- ResNet-50 and ResNet-18 train steps (bf16 autocast, channels_last) at --sizes and --batch-sizes,
+  torch.compile off and on, fed by synthetic data (the upper bound), by the torch backend from shards
+  generated here (device decode: nvJPEG; and worker decode) and by the dali backend when importable;
+- nvJPEG batched decode (torchvision.io.decode_jpeg on CUDA) against libjpeg-turbo on all cores;
+- fp16 steps with GradScaler; one DistributedDataParallel step under torchrun (nccl; gloo on CPU);
+- peak GPU memory of each (torch.cuda.max_memory_allocated);
+- the checks: deterministic (train.deterministic=true runs 3 steps of ResNet-18 and EfficientNet-B0
+  twice from the same seed: bitwise equal weights, and the ops without a deterministic kernel);
+  no_host_sync (bf16, fp16, fp32 steps and a NaN batch under set_sync_debug_mode("error")); rng_state
+  (a checkpoint holds and restores this GPU's RNG state); dali_mixed (DALI's nvJPEG graphs, when
+  installed).
 
-- deterministic: train.deterministic=true runs 3 steps of ResNet-18 and EfficientNet-B0 twice from
-  the same seed; the weights must be bitwise equal, and the ops torch warns have no deterministic
-  kernel are listed (AdaptiveAvgPool2d's backward is replaced by a mean: models.deterministic_pooling);
-- no_host_sync: train steps in bf16, fp16 (GradScaler) and fp32, a NaN batch among them, under
-  `torch.cuda.set_sync_debug_mode("error")`: any host sync in the step raises;
-- rng_state: a checkpoint's RNG state holds this GPU's state only and restores it;
-- dali_mixed: the DALI train and eval graphs with nvJPEG ("mixed", NVIDIA's preallocation hints,
-  libjpeg upsampling) yield one batch each on torch's stream, when DALI is installed.
-
-Exit status 0 when no check fails.
+The budget: each measurement's cost is estimated from what this run has measured so far (step times,
+compile times, loader start-up); one that does not fit in what is left is skipped with that reason,
+and a measurement still running when the budget ends is stopped (SIGALRM) and recorded as such;
+one running past 4x its estimate (a hung loader, say) is stopped and failed, and the rest go on.
+Each measurement times --slice seconds of steps (or --steps steps). DIR/gpu.json is rewritten after
+each row: every row has the same keys (ROW_KEYS), skipped ones their reason; then a README-ready
+markdown table is printed (and kept in the JSON). Exit status: 2 without a GPU, 1 when a check or a
+measurement failed, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
+import os
+import signal
 import sys
 import tempfile
+import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from imagenet_ddp.bench import gpu_throughput as tp
+from imagenet_ddp.bench.gpu_report import ROW_KEYS, compare, goals, header, markdown, write
+
+RESERVE_S = 5.0  # of the budget, for the report and the temporary shards' removal
+CAP_FACTOR, CAP_MIN_S = 4, 90  # a measurement is stopped after 4x its estimate (at least 90 s)
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the checks that apply there)")
-    p.add_argument("--size", type=int, default=64, help="image side of the training checks")
-    p.add_argument("--out", default="runs/bench-gpu", help="folder for gpu.json")
-    args = p.parse_args(argv)
+    args = _parse(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
             "bench gpu: no CUDA device here (torch sees none); use --device cpu for the CPU part",
@@ -44,26 +60,186 @@ def main(argv=None) -> int:
         )
         return 2
     device = torch.device(args.device)
-    checks = {}
-    for name, check in CHECKS.items():
-        try:
-            status, detail = check(device, args.size)
-        except Exception as e:  # a check that crashes has failed; the others still run
-            status, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        checks[name] = {"status": status, "detail": detail}
-        print(f"{name:<14} {status:<5} {detail}", flush=True)
-    report = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "checks": checks,
-    }
+    budget = Budget(args.minutes * 60 - RESERVE_S)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out / 'gpu.json'}")
-    return 1 if any(c["status"] == "FAIL" for c in checks.values()) else 0
+    report = header(args, device)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        bench = tp.Throughput(device, args, Path(tmp))
+        for item in plan(args):
+            row = _measure(item, bench, budget, args, report["checks"])
+            if row is not None:
+                report["rows"].append(row)
+            report["shards"] = bench.shards_info
+            report["elapsed_s"] = round(budget.elapsed(), 1)
+            write(out / "gpu.json", report)
+        bench.free()
+    compare(report["rows"])
+    report["goals"] = goals(report["rows"], device)
+    report["markdown"] = markdown(report)
+    report["elapsed_s"] = round(budget.elapsed(), 1)
+    write(out / "gpu.json", report)
+    print(f"wrote {out / 'gpu.json'}\n\n{report['markdown']}")
+    failed = any(c["status"] == "FAIL" for c in report["checks"].values())
+    return 1 if failed or any(r["status"] == "failed" for r in report["rows"]) else 0
+
+
+def _parse(argv):
+    def names(text):
+        return [t for t in text.split(",") if t]
+
+    def ints(text):
+        return [int(t) for t in text.split(",") if t]
+
+    cores = len(os.sched_getaffinity(0))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (what applies there)")
+    p.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget (default 8)")
+    p.add_argument("--out", default="runs/bench-gpu", help="folder for gpu.json")
+    p.add_argument("--models", type=names, default=["resnet50", "resnet18"], help="the first is the headline")
+    p.add_argument(
+        "--sizes", type=ints, default=[224, 176, 160], help="train crop sides; the first: headline"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=ints,
+        default=[256, 128, 512],
+        help="per step; every model and size at the first",
+    )
+    p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="torch.compile")
+    p.add_argument("--slice", type=float, default=3.0, help="seconds of timed steps per measurement")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per measurement instead of --slice")
+    p.add_argument("--images", type=int, default=10240, help="JPEGs generated for the loader feeds")
+    p.add_argument(
+        "--workers", type=int, default=max(1, cores - 1), help="loader workers (default cores - 1)"
+    )
+    p.add_argument("--check-size", type=int, default=64, help="image side of the checks' train steps")
+    return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+
+    @property
+    def id(self) -> str:
+        return f"check {self.name}"
+
+
+def plan(args) -> list:
+    """Every measurement, the most wanted first: the budget drops from the end."""
+    m, s, b = args.models[0], args.sizes[0], args.batch_sizes[0]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    first, rest = compiles[0], compiles[1:]
+    others = [(model, size) for model in args.models for size in args.sizes if (model, size) != (m, s)]
+    items = [tp.Train(m, s, b, compile=first, feed=feed) for feed in tp.FEEDS]
+    items += [tp.Decode("nvjpeg", b), tp.Decode("cpu", b), tp.Train(m, s, b, "fp16", first)]
+    items += [tp.Ddp(m, s, b), *(Check(name) for name in CHECKS)]
+    items += [tp.Train(m, s, b, compile=c, feed=f) for c in rest for f in ("synthetic", "torch-device")]
+    for model, size in others:  # every model and size at the first batch size, and its loader's rate
+        items += [tp.Train(model, size, b, compile=first, feed=f) for f in ("synthetic", "torch-device")]
+    items += [tp.Train(model, s, b, compile=c) for c in rest for model in args.models[1:]]
+    items += [
+        tp.Train(model, s, batch, compile=first) for model in args.models for batch in args.batch_sizes[1:]
+    ]
+    items += [tp.Train(model, size, b, compile=c) for c in rest for model, size in others if size != s]
+    sizes = [(model, size) for model in args.models for size in args.sizes[1:]]
+    items += [
+        tp.Train(model, size, batch, compile=first) for model, size in sizes for batch in args.batch_sizes[1:]
+    ]
+    items += [tp.Train(m, s, batch, compile=c) for c in rest for batch in args.batch_sizes[1:]]
+    seen = set()
+    return [i for i in items if not (i.id in seen or seen.add(i.id))]
+
+
+class BudgetSpent(BaseException):
+    """Raised by SIGALRM when the budget ends; a BaseException, so no `except Exception` holds it."""
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.spent = seconds, time.monotonic(), False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    @contextmanager
+    def deadline(self, cap: float = math.inf):
+        """Interrupts the block with BudgetSpent when the budget ends, or after `cap` seconds."""
+
+        def ring(signum, frame):
+            raise BudgetSpent
+
+        previous = signal.signal(signal.SIGALRM, ring)
+        signal.setitimer(signal.ITIMER_REAL, max(0.01, min(cap, self.left())))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+CHECK_COST = {"cuda": {"deterministic": 20, "no_host_sync": 15}, "cpu": {"deterministic": 45}}
+
+
+def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> dict | None:
+    """Run `item` if it fits the budget: its row (None for a check, which goes into `checks`)."""
+    device = bench.device.type
+    est = CHECK_COST[device].get(item.name, 3) if isinstance(item, Check) else bench.estimate(item)
+    left, start = budget.left(), time.monotonic()
+    status, reason, result = "ok", None, {}
+    if not isinstance(item, Check) and bench.not_here(item):
+        status, reason = "skipped", bench.not_here(item)
+    elif budget.spent:
+        status, reason = "skipped", "the budget ended during an earlier measurement"
+    elif est > left:
+        status, reason = "skipped", f"needs ~{est:.0f} s, {max(0.0, left):.0f} s of the budget left"
+    else:
+        try:
+            with budget.deadline(cap=max(CAP_MIN_S, CAP_FACTOR * est)):
+                if isinstance(item, Check):
+                    try:
+                        status, reason = CHECKS[item.name](bench.device, args.check_size)
+                    finally:  # the deterministic check's settings would slow the measurements after it
+                        torch.use_deterministic_algorithms(False)
+                        torch.backends.cudnn.benchmark = True
+                else:
+                    result = bench.run(item)
+        except BudgetSpent:
+            bench.free()
+            took = time.monotonic() - start
+            if budget.left() > 1:  # its own cap: a hung loader or compile does not take the whole budget
+                status, reason = (
+                    "failed",
+                    f"stopped after {took:.0f} s, {CAP_FACTOR}x its estimate of {est:.0f} s",
+                )
+            else:
+                budget.spent = True
+                status, reason = (
+                    "skipped",
+                    f"stopped when the budget ended, after {took:.0f} s (estimated {est:.0f} s)",
+                )
+        except Exception as e:  # a measurement that crashes has failed; the others still run
+            status, reason = ("FAIL" if isinstance(item, Check) else "failed"), tp.one_line(e)
+    wall = time.monotonic() - start
+    if isinstance(item, Check):
+        status = {"ok": "pass", "failed": "FAIL"}.get(status, status)
+        checks[item.name] = {"status": status, "detail": reason}
+        print(f"{item.id:<52} {status:<7} {reason}", flush=True)
+        return None
+    row = dict.fromkeys(ROW_KEYS)
+    row.update({k: v for k, v in vars(item).items() if k in ROW_KEYS})
+    row.update(id=item.id, kind=type(item).__name__.lower(), status=status, reason=reason)
+    row.update(result, estimate_s=round(est, 1), wall_s=round(wall, 1))
+    if isinstance(item, tp.Ddp):
+        row.update(precision="bf16", compile=False)
+    rate = f"{row['img_per_s']:,.0f} img/s" if row["img_per_s"] is not None else ""
+    note = row["reason"] or row["detail"] or ""
+    print(f"{item.id:<52} {status:<7} {rate:>13}  {wall:4.0f} s (est. {est:.0f})  {note}", flush=True)
+    return row
 
 
 def _state(name: str, device: torch.device, size: int, precision: str, deterministic: bool):
