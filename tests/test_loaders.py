@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -425,18 +427,71 @@ def test_dali_train_graph_of_cuda_devices_runs(shards, policy):
     del pipe
 
 
+GPU_SETTINGS = dict(
+    dali_hw_decoder_load=0.99,
+    dali_prefetch_queue_depth=5,
+    dali_device_memory_padding=256 << 20,
+    dali_host_memory_padding=128 << 20,
+    dali_preallocate_width_hint=4000,
+    dali_preallocate_height_hint=3000,
+)
+
+
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
-def test_the_mixed_decoders_get_nvidias_preallocation_hints_and_libjpeg_upsampling():
-    """No GPU here to run them: each argument must at least be one DALI's decoders accept."""
+def test_the_mixed_decoders_get_the_configs_gpu_settings_and_libjpeg_upsampling(shards):
+    """No GPU here to run them: the data.dali_* settings must reach a CUDA device's pipeline, each as
+    an argument DALI's decoders accept, without changing the checkpoint key (they change no sample)."""
     from nvidia.dali import backend
 
-    from imagenet_ddp.data.dali_backend import MIXED_DECODER_HINTS
-
-    assert MIXED_DECODER_HINTS["jpeg_fancy_upsampling"] is True
+    cfg = config(shards, "dali", **GPU_SETTINGS)
+    with build_loader(cfg, "train", device="cuda:0") as loader:  # nothing touches the GPU until a pass
+        args, key = loader._pipeline_args(0)
+    decoder = args["decoder_args"]
+    assert decoder == {
+        "hw_decoder_load": 0.99,
+        "device_memory_padding": 256 << 20,
+        "host_memory_padding": 128 << 20,
+        "preallocate_width_hint": 4000,
+        "preallocate_height_hint": 3000,
+        "jpeg_fancy_upsampling": True,
+    }
+    assert (args["decoder"], args["prefetch_queue_depth"], args["num_threads"]) == ("mixed", 5, cfg.workers)
     for op in ("decoders__ImageRandomCrop", "decoders__Image"):
         schema = backend.GetSchema(op)
-        assert all(schema.HasArgument(name) for name in MIXED_DECODER_HINTS), op
+        assert all(schema.HasArgument(name) for name in decoder), op
         assert not schema.HasArgument("no_such_argument")
+    with build_loader(config(shards, "dali"), "train", device="cuda:0") as loader:
+        assert loader._pipeline_args(0)[1] == key
+    with build_loader(cfg, "train") as loader:  # the CPU decoder takes none of them
+        assert loader._pipeline_args(0)[0]["decoder_args"] == {}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dali_hw_decoder_load": 1.2}, "data.dali_hw_decoder_load is a share in [0, 1], not 1.2"),
+        ({"dali_prefetch_queue_depth": 0}, "data.dali_prefetch_queue_depth must be at least 1"),
+        ({"dali_preallocate_width_hint": -1}, "data.dali_preallocate_width_hint must be 0 or more"),
+        ({"dali_device_memory_padding": -5}, "data.dali_device_memory_padding must be 0 or more"),
+    ],
+)
+def test_out_of_range_dali_gpu_settings_give_one_line_errors(change, message):
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        DataConfig(**change)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+def test_dali_index_files_cut_for_earlier_epochs_do_not_pile_up(shards):
+    """Each train epoch cuts a rank's first and last shard to its own range; 300 epochs must not leave
+    300 epochs' worth of files in the temporary folder."""
+    with build_loader(config(shards, "dali"), "train", rank=1, world_size=3) as loader:
+        counts = []
+        for e in range(6):
+            loader.set_epoch(e)
+            list(loader)
+            counts.append(len(os.listdir(loader._index_dir)))
+    assert max(counts) <= 4, counts  # this pass's cuts and the next one's (built ahead)
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")

@@ -48,6 +48,13 @@ from imagenet_ddp.errors import UserError
 __all__ = ["BACKENDS", "PAD_LABEL", "DataConfig", "Loader", "build_loader"]
 
 BACKENDS = ("dali", "torch", "synthetic")
+# nvJPEG's preallocations (bytes, pixels): 0 is allowed (no padding, no hint).
+DALI_SIZES = (
+    "dali_device_memory_padding",
+    "dali_host_memory_padding",
+    "dali_preallocate_width_hint",
+    "dali_preallocate_height_hint",
+)
 DALI_INSTALL = "pip install nvidia-dali-cuda130 (or: pip install -e .[dali])"
 
 
@@ -85,15 +92,14 @@ class DataConfig:
     # device: the same path with the CPU decoder, as the tests run it); auto: cuda on a CUDA device,
     # else cpu (the workers decode with libjpeg-turbo).
     decode_device: Literal["auto", "cpu", "cuda"] = "auto"
-    # dali backend on a GPU (nvJPEG, `mixed`): the share of JPEGs sent to the A100/H100 hardware
-    # decoder (DALI's default 0.65; MLPerf submissions use 0.99), the pipeline's prefetch depth, and
-    # the decoder's preallocations (NVIDIA's ResNet-50 example: ImageNet's largest image).
-    dali_hw_decoder_load: float = 0.65
-    dali_prefetch_queue_depth: int = 2
-    dali_device_memory_padding: int = 211_025_920
-    dali_host_memory_padding: int = 140_544_512
-    dali_preallocate_width_hint: int = 5980
-    dali_preallocate_height_hint: int = 6430
+    # dali backend on a GPU (nvJPEG, `mixed`); none changes which samples or crops a pass yields.
+    # CPU threads per GPU are data.workers (NVIDIA's ResNet-50 examples: 4 to 6).
+    dali_hw_decoder_load: float = 0.65  # JPEGs' share for the A100/H100 hardware decoder: DALI's default (MLPerf 0-.99)
+    dali_prefetch_queue_depth: int = 2  # batches prepared ahead: DALI's default, its ResNet-50 example's (MLPerf: 3-5)
+    dali_device_memory_padding: int = 211_025_920  # nvJPEG GPU buffer bytes: DALI's ResNet-50 example (default 16 MiB)
+    dali_host_memory_padding: int = 140_544_512  # nvJPEG's pinned host buffer bytes: the same example (default 8 MiB)
+    dali_preallocate_width_hint: int = 5980  # hardware decoder's buffers: ImageNet's widest image; 0: off
+    dali_preallocate_height_hint: int = 6430  # hardware decoder's buffers: ImageNet's tallest image; 0: off
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -115,6 +121,7 @@ class DataConfig:
         if not 0 <= self.random_erase <= 1:
             raise UserError(f"data.random_erase is a probability in [0, 1], not {self.random_erase}")
         self._check_augment()
+        self._check_dali()
         if self.progressive_start_size:
             self._check_progressive()
 
@@ -131,6 +138,15 @@ class DataConfig:
             raise UserError(f"data.ra_magnitude is a bin in [0, {NUM_BINS - 1}], not {self.ra_magnitude}")
         if not self.ra_magnitude_std >= 0:
             raise UserError(f"data.ra_magnitude_std must be 0 (off) or more, not {self.ra_magnitude_std}")
+
+    def _check_dali(self) -> None:
+        if not 0 <= self.dali_hw_decoder_load <= 1:
+            raise UserError(f"data.dali_hw_decoder_load is a share in [0, 1], not {self.dali_hw_decoder_load}")
+        if self.dali_prefetch_queue_depth < 1:
+            raise UserError(f"data.dali_prefetch_queue_depth must be at least 1, not {self.dali_prefetch_queue_depth}")
+        for name in DALI_SIZES:
+            if getattr(self, name) < 0:
+                raise UserError(f"data.{name} must be 0 or more, not {getattr(self, name)}")
 
     def _check_progressive(self) -> None:
         if not 0 < self.progressive_start_size <= self.image_size:

@@ -20,10 +20,20 @@ stops after exactly len(loader) batches. DALI's shuffle buffer (`shuffle_buffer`
 from the rank's share, so a train epoch is a permutation of the share less the few samples still in
 the buffer at its end, as with the torch backend. The next epoch's train pipeline is built in a
 thread as the last batch of a pass is handed out, so its build overlaps validation.
+
+Memory over hundreds of epochs (python -m imagenet_ddp.bench soak): a pass's pipeline leaves
+reference cycles (DALI's graph nodes and operator instances) that only a full garbage collection
+frees, which Python runs rarely beside torch's hundreds of thousands of long-lived objects, and
+DALI's threads leave freed heap in glibc's arenas. Each pass therefore ends with a full collection
+and malloc_trim (_release_memory), and the index files cut for earlier epochs are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import gc
 import hashlib
 import itertools
 import os
@@ -62,17 +72,19 @@ from imagenet_ddp.data.presets import (
 from imagenet_ddp.data.shardset import Shard, ShardSplit
 from imagenet_ddp.errors import UserError
 
-# What NVIDIA's ResNet-50 DALI example gives nvJPEG ("mixed") so that it allocates its buffers once,
-# for ImageNet's largest images, instead of growing them batch after batch.
-MIXED_DECODER_HINTS = {
-    "device_memory_padding": 211_025_920,
-    "host_memory_padding": 140_544_512,
-    "preallocate_width_hint": 5980,
-    "preallocate_height_hint": 6430,
-    # libjpeg-turbo's (the CPU decoder's, and PIL's) chroma upsampling: GPU evaluation then decodes
-    # like the CPU path and predict.py --evaluate.
-    "jpeg_fancy_upsampling": True,
-}
+
+def mixed_decoder_args(cfg) -> dict:
+    """What nvJPEG (`device="mixed"`) gets: the data.dali_* GPU settings (DataConfig documents each)."""
+    return {
+        "hw_decoder_load": cfg.dali_hw_decoder_load,
+        "device_memory_padding": cfg.dali_device_memory_padding,
+        "host_memory_padding": cfg.dali_host_memory_padding,
+        "preallocate_width_hint": cfg.dali_preallocate_width_hint,
+        "preallocate_height_hint": cfg.dali_preallocate_height_hint,
+        # libjpeg-turbo's (the CPU decoder's, and PIL's) chroma upsampling: GPU evaluation then decodes
+        # like the CPU path and predict.py --evaluate.
+        "jpeg_fancy_upsampling": True,
+    }
 
 
 @pipeline_def
@@ -87,6 +99,7 @@ def _pipeline(
     crop_only,
     crop_area,
     augment,
+    decoder_args=None,
 ):
     jpegs, cls = fn.readers.webdataset(
         paths=paths,
@@ -98,7 +111,7 @@ def _pipeline(
         missing_component_behavior="error",
         name="reader",
     )
-    hints = MIXED_DECODER_HINTS if decoder == "mixed" else {}
+    hints = decoder_args or {}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs,
@@ -155,6 +168,7 @@ class DaliLoader(Loader):
         self.crop_only = train and device.type != "cuda" and cfg.auto_augment == "none"
         self._pipe, self._done, self._saved = None, 0, None
         self._next: tuple[str, Future] | None = None  # the next pass's pipeline, being built
+        self._next_index_paths: list[str] = []  # what it reads: kept by _forget_cuts
         self._builder: ThreadPoolExecutor | None = None
         self._index_dir: str | None = None  # index files cut to this rank's ranges
         self.ahead = False  # whether the running pass's pipeline was built ahead of it
@@ -191,16 +205,17 @@ class DaliLoader(Loader):
             crop_only=self.crop_only,
             crop_area=(self.cfg.crop_area_min, CROP_AREA[1]),
             augment=augment,
+            decoder_args=mixed_decoder_args(self.cfg) if cuda else {},
             enable_conditionals=augment != ("none",),  # auto_aug applies ops to samples by `if`
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),
             device_id=_cuda_index(self.device) if cuda else None,
             seed=plan.derive_seed(self.seed, epoch if self.train else 0, self.rank),  # eval: no draws
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=self.cfg.dali_prefetch_queue_depth,
             enable_checkpointing=self.train,
         )
         # Not in it: where the shards are (staged to node-local disk by many jobs) and what does not
-        # change the samples or the random draws (threads, device, queue depth).
+        # change the samples or the random draws (threads, device, queue depth, nvJPEG's settings).
         stable = {k: v for k, v in args.items() if k not in _NOT_IN_STATE}
         stable["shards"] = [(self.shards.shards[p.shard].path.name, p.start, p.stop) for p in pieces]
         stable["dali"] = dali_version
@@ -249,7 +264,7 @@ class DaliLoader(Loader):
         if hi == lo:  # more ranks than eval samples: this rank only pads
             yield from itertools.islice(self._padding_only(), start, None)
             return
-        pipe = None
+        pipe = run = args = None
         try:
             args, key = self._pipeline_args(self.epoch)
             pipe = self._take_next(key) if start == 0 and checkpoint is None else None
@@ -272,8 +287,10 @@ class DaliLoader(Loader):
                     self._prepare_next()
                 yield self._to_torch(images, labels, step)
         finally:
-            self._pipe = None
-            del pipe  # stops the pipeline's threads now rather than at garbage collection
+            # The pipeline goes now (its threads stop) rather than at garbage collection: `run` holds it too.
+            self._pipe = run = pipe = None
+            self._forget_cuts(args["index_paths"] if args else [])
+            _release_memory()
 
     def _build(self, args: dict, checkpoint: bytes | None):
         """A built pipeline; None when `checkpoint` does not restore (a warning says why)."""
@@ -302,6 +319,18 @@ class DaliLoader(Loader):
             return
         self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-pass")
         self._next = key, self._builder.submit(_built, args, None)
+        self._next_index_paths = args["index_paths"]
+
+    def _forget_cuts(self, in_use: list[str]) -> None:
+        """Delete the index files cut for other passes than this one and the next: each train epoch
+        cuts its own ranges (its shard order is rotated), so over hundreds of epochs they would pile up."""
+        if self._index_dir is None:
+            return
+        keep = {os.path.basename(p) for p in (*in_use, *self._next_index_paths)}
+        for name in os.listdir(self._index_dir):
+            if name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self._index_dir, name))
 
     def _take_next(self, key: str):
         """The pipeline built ahead for this pass, if it was built for these arguments and built well."""
@@ -314,6 +343,7 @@ class DaliLoader(Loader):
             return None
 
     def _drop_next(self) -> None:
+        self._next_index_paths = []
         if self._next is not None:
             future, self._next = self._next[1], None
             if not future.cancel():
@@ -450,7 +480,27 @@ def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:
         normalize_into(F.horizontal_flip(image) if flips[i] else image, out[i])
 
 
-_NOT_IN_STATE = ("paths", "index_paths", "num_threads", "device_id", "prefetch_queue_depth")
+_NOT_IN_STATE = ("paths", "index_paths", "num_threads", "device_id", "prefetch_queue_depth", "decoder_args")
+
+
+def _release_memory() -> None:
+    """Return a finished pass's memory: a full collection frees the reference cycles its pipeline
+    leaves (DALI's graph nodes and operator instances; Python would otherwise collect them only after
+    ~25% more long-lived objects, hundreds of passes beside torch), and malloc_trim hands the heap
+    freed by DALI's threads back to the system (glibc keeps it in per-thread arenas). ~0.1-0.3 s a pass."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
 
 
 def _built(args: dict, checkpoint: bytes | None):
