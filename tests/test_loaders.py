@@ -399,11 +399,11 @@ except UserError as e:
 def test_dali_train_graph_of_cuda_devices_runs(shards, policy):
     # No GPU here: run the graph that CUDA devices use (DALI resizes, not torchvision) on CPU threads.
     from imagenet_ddp.data.augment import settings
-    from imagenet_ddp.data.dali_backend import _pipeline
+    from imagenet_ddp.data.dali_graph import pipeline
 
     split = open_split(shards, "train")
     augment = settings(DataConfig(auto_augment=policy))
-    pipe = _pipeline(
+    pipe = pipeline(
         paths=[str(s.path) for s in split.shards],
         index_paths=[str(s.index_path) for s in split.shards],
         train=True,

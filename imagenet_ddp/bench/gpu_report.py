@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from imagenet_ddp.bench import cpu_name
+
 ROW_KEYS = (
     "id", "kind", "model", "size", "batch_size", "precision", "compile", "feed", "decoder",
     "status", "reason", "img_per_s", "ratio", "ratio_to", "steps", "compile_s", "peak_mem_gib",
@@ -54,16 +56,6 @@ def header(args, device: torch.device) -> dict:
         "goals": [],
         "markdown": "",
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def write(path: Path, report: dict) -> None:

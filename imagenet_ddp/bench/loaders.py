@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from imagenet_ddp.bench import cpu_name
 from imagenet_ddp.data import DataConfig, build_loader
 from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -267,16 +267,6 @@ def _train_speeds(cfg: DataConfig, backend: str, args) -> dict:
     return speeds
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args) -> None:
     base, limit = best["imagefolder"], max(best["decode_dali"], best["decode_pil"])
     names = {
@@ -318,7 +308,7 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
         )
         print(f"  fed by synthetic      {synthetic:8.1f} img/s")
     result = {
-        "machine": {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "gpu": None},
+        "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "gpu": None},
         "images": args.images,
         "source": args.shards or "generated 500x375 q90",
         "max_side": max_side,

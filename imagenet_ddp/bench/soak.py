@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from imagenet_ddp.bench import cpu_name
+
 IMAGE_SIZE = (64, 48)  # width, height of the generated JPEGs
 CLASSES = 10
 
@@ -192,12 +194,7 @@ def _print(report: dict, args) -> None:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import nvidia.dali

@@ -45,22 +45,17 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-import nvidia.dali.fn as fn
-import nvidia.dali.math as dmath
-import nvidia.dali.types as types
 import torch
 import torchvision.transforms.v2.functional as F
 from nvidia.dali import __version__ as dali_version
-from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from imagenet_ddp.data import plan
-from imagenet_ddp.data.augment import dali_policy
 from imagenet_ddp.data.augment import settings as augment_settings
 from imagenet_ddp.data.base import Loader, shard_loader_fields
+from imagenet_ddp.data.dali_graph import built, mixed_decoder_args
 from imagenet_ddp.data.presets import (
     CROP_AREA,
-    CROP_ASPECT,
     PAD_LABEL,
     eval_resize,
     normalize_into,
@@ -71,88 +66,6 @@ from imagenet_ddp.data.presets import (
 )
 from imagenet_ddp.data.shardset import Shard, ShardSplit
 from imagenet_ddp.errors import UserError
-
-
-def mixed_decoder_args(cfg) -> dict:
-    """What nvJPEG (`device="mixed"`) gets: the data.dali_* GPU settings (DataConfig documents each)."""
-    return {
-        "hw_decoder_load": cfg.dali_hw_decoder_load,
-        "device_memory_padding": cfg.dali_device_memory_padding,
-        "host_memory_padding": cfg.dali_host_memory_padding,
-        "preallocate_width_hint": cfg.dali_preallocate_width_hint,
-        "preallocate_height_hint": cfg.dali_preallocate_height_hint,
-        # libjpeg-turbo's (the CPU decoder's, and PIL's) chroma upsampling: GPU evaluation then decodes
-        # like the CPU path and predict.py --evaluate.
-        "jpeg_fancy_upsampling": True,
-    }
-
-
-@pipeline_def
-def _pipeline(
-    paths,
-    index_paths,
-    train,
-    decoder,
-    image_size,
-    resize,
-    shuffle_buffer,
-    crop_only,
-    crop_area,
-    augment,
-    decoder_args=None,
-):
-    jpegs, cls = fn.readers.webdataset(
-        paths=paths,
-        index_paths=index_paths,
-        ext=["jpg", "cls"],  # the files and index ranges are this rank's share: no DALI sharding
-        random_shuffle=train,
-        initial_fill=shuffle_buffer,
-        dont_use_mmap=True,  # a damaged file then raises an error instead of crashing the process
-        missing_component_behavior="error",
-        name="reader",
-    )
-    hints = decoder_args or {}
-    if train:
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            **hints,
-            device=decoder,
-            output_type=types.RGB,
-            random_area=list(crop_area),
-            random_aspect_ratio=list(CROP_ASPECT),
-            num_attempts=10,
-        )
-        if not crop_only:
-            # Flipping the crop before resizing it is the same as after, and cheaper.
-            images = fn.flip(images, horizontal=fn.random.coin_flip())
-            images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
-            images = dali_policy(images, image_size, augment)
-    else:
-        # The output size is computed here rather than with resize_shorter, whose scale keeps the
-        # unrounded long side: then DALI and torchvision sample the same grid (presets.eval_resize_shape).
-        shape = fn.peek_image_shape(jpegs)
-        height = fn.cast(shape[0], dtype=types.FLOAT)
-        width = fn.cast(shape[1], dtype=types.FLOAT)
-        short = dmath.min(height, width)
-        images = fn.decoders.image(jpegs, **hints, device=decoder, output_type=types.RGB)
-        resized_y, resized_x = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
-        images = fn.resize(images, resize_y=resized_y, resize_x=resized_x, antialias=True)
-        # crop_pos 0.5 would round the origin half up: torchvision (presets.center_crop_origin) rounds
-        # half to even.
-        top, left = _center_crop_origin(resized_y, image_size), _center_crop_origin(resized_x, image_size)
-        start = fn.cast(fn.stack(top, left), dtype=types.INT32)
-        images = fn.slice(images, start=start, shape=[image_size, image_size], axis_names="HW")
-    # `cls` is ASCII of varying length ("5", "123"); a batch must be one dense tensor.
-    return images, fn.pad(cls, fill_value=0)
-
-
-def _center_crop_origin(length, crop: int):
-    """presets.center_crop_origin in DALI arithmetic: round((length - crop) / 2), half to even."""
-    margin = length - crop
-    half = dmath.floor(margin / 2)
-    odd_margin = margin - 2 * half  # 0 or 1
-    odd_half = half - 2 * dmath.floor(half / 2)
-    return half + odd_margin * odd_half  # x.5 goes up to the even neighbour only from an odd half
 
 
 class DaliLoader(Loader):
@@ -296,11 +209,13 @@ class DaliLoader(Loader):
         """A built pipeline; None when `checkpoint` does not restore (a warning says why)."""
         _allow_open_files(len(args["paths"]), self.rank)
         try:
-            return _built(args, checkpoint)
+            return built(args, checkpoint)
         except RuntimeError as e:
             if checkpoint is None:
                 raise self._read_error(e, args["paths"]) from None
-            warnings.warn(f"DALI could not restore its checkpoint ({_dali_reason(str(e))}): replaying", stacklevel=3)
+            warnings.warn(
+                f"DALI could not restore its checkpoint ({_dali_reason(str(e))}): replaying", stacklevel=3
+            )
             self.restored = False
             return None
 
@@ -318,7 +233,7 @@ class DaliLoader(Loader):
         if not _allow_open_files(len(args["paths"]), self.rank, strict=False):
             return
         self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-pass")
-        self._next = key, self._builder.submit(_built, args, None)
+        self._next = key, self._builder.submit(built, args, None)
         self._next_index_paths = args["index_paths"]
 
     def _forget_cuts(self, in_use: list[str]) -> None:
@@ -404,7 +319,9 @@ class DaliLoader(Loader):
                 f"(limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}); raise it with `ulimit -n`; DALI said: {detail}"
             )
         if resource_error is not None:
-            return UserError(f"DALI failed on rank {self.rank} ({resource_error}), not because of the data: {detail}")
+            return UserError(
+                f"DALI failed on rank {self.rank} ({resource_error}), not because of the data: {detail}"
+            )
         by_path = {str(s.path): s for s in self.shards.shards}
         bad = self.shards.find_corrupt([by_path[p] for p in dict.fromkeys(paths) if p in by_path])
         if bad is not None:
@@ -457,7 +374,9 @@ def _write_index_range(shard: Shard, start: int, stop: int, path: str) -> None:
     """A DALI webdataset index (v1.2) of samples [start, stop) of `shard`, written atomically."""
     lines = shard.index_path.read_text().splitlines()
     if not lines or lines[0].split()[:1] != ["v1.2"] or len(lines) - 1 < stop:
-        raise UserError(f"bad index file {shard.index_path}: expected 'v1.2 {shard.num_samples}' and a line per sample")
+        raise UserError(
+            f"bad index file {shard.index_path}: expected 'v1.2 {shard.num_samples}' and a line per sample"
+        )
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write("\n".join([f"v1.2 {stop - start}", *lines[1 + start : 1 + stop]]) + "\n")
@@ -501,12 +420,6 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
         return None
-
-
-def _built(args: dict, checkpoint: bytes | None):
-    pipe = _pipeline(**args, checkpoint=checkpoint)
-    pipe.build()
-    return pipe
 
 
 def _cuda_index(device: torch.device) -> int:
