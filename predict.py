@@ -37,7 +37,12 @@ def parse_args(argv):
     source.add_argument("--model", help="an .onnx file written by --export: runs on onnxruntime")
     p.add_argument("--export", metavar="ONNX", help="write the checkpoint's model as ONNX for apps")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--lang", default="en", help="language of the class names: en, es, fr, de, it, pt")
+    p.add_argument(
+        "--lang",
+        default="en",
+        help="language of the class names: en, es, fr, de, it, pt (--serve: the page's language when "
+        "the browser's is none of these)",
+    )
     p.add_argument(
         "--format", choices=FORMATS, default="table", help="table for people, jsonl/csv for programs"
     )
