@@ -43,6 +43,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from imagenet_ddp.data.presets import cpu_draws
+
 POLICIES = ("none", "ta_wide", "ra", "imagenet")
 NUM_BINS = 31  # TrivialAugmentWide's and RandAugment's magnitude bins
 FILL = 0  # torchvision's fill for uint8 images outside a shear, translation or rotation
@@ -114,10 +116,15 @@ class TorchPolicy:
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)  # the CPU's only (torch.manual_seed: every GPU's too)
+        with cpu_draws(seed):
             pil = self.transform(pil)
         return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+
+    def on_tensor(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """The same draws on a uint8 [3,H,W] tensor, on its device (torch's kernels: the pixels differ
+        from PIL's by rounding)."""
+        with cpu_draws(seed):
+            return self.transform(image)
 
 
 def torch_policy(cfg) -> TorchPolicy | None:

@@ -137,22 +137,13 @@ class DeviceDecoder:
             raise UserError(f"{where}: its JPEG header says another size than its decoded image")
         image = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         image = F.horizontal_flip(image) if flip else image
-        return image if self.policy is None else apply_policy(self.policy, image, seed)
+        return image if self.policy is None else self.policy.on_tensor(image, seed)
 
     def _eval(self, image: torch.Tensor) -> torch.Tensor:
         h, w = eval_resize_shape(image.shape[1], image.shape[2], self.eval_resize)
         image = F.resize(image, [h, w], antialias=True)
         crop = self.eval_size
         return F.crop(image, center_crop_origin(h, crop), center_crop_origin(w, crop), crop, crop)
-
-
-def apply_policy(policy: TorchPolicy, image: torch.Tensor, seed: int) -> torch.Tensor:
-    """The policy's v2 transform on a uint8 [3,H,W] tensor on its device. Its random draws come
-    from the CPU generator seeded with `seed`, as TorchPolicy's on PIL: the same ops and magnitudes
-    for the same seed (the pixels of PIL's and torch's kernels differ by rounding)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return policy.transform(image)
 
 
 def decode(files: list[torch.Tensor], where: list[str], device: torch.device) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 from torchvision.transforms import v2
 
 from imagenet_ddp.data.plan import derive_seed
+from imagenet_ddp.data.presets import cpu_draws
 
 # Kept apart from the loader's and the model's random streams (dropout, drop path).
 _STREAM = 0x6D6978
@@ -55,10 +56,7 @@ class BatchAugment:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.active:
             return images, labels
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only (torch.manual_seed would reseed every GPU's too, where the
-            # model's dropout and drop path draw; fork_rng(devices=[]) restores only the CPU's).
-            torch.default_generator.manual_seed(derive_seed(_STREAM, self.seed, self.rank, epoch, batch))
+        with cpu_draws(derive_seed(_STREAM, self.seed, self.rank, epoch, batch)):
             if self.erase is not None:
                 # Per image, as torchvision's recipe applies it (a v2 transform given a batch erases
                 # one box in all of its images); a new batch: a loader may hand out the same one twice.

@@ -123,6 +123,16 @@ def one_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def cpu_draws(seed: int):
+    """torch's CPU generator seeded with `seed` inside, as it was outside: random draws that depend on
+    `seed` only. Only the CPU's: torch.manual_seed would reseed every GPU's too, where the model's
+    dropout and drop path draw (and fork_rng(devices=[]) restores only the CPU's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 [B,3,H,W] (any strides) -> normalized float32 on `device` in the requested layout."""
     with one_thread(device):
