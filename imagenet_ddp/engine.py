@@ -140,12 +140,12 @@ class TrainState:
         unwrap(self.model).load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"] or ckpt["model"])
-        fused = self.optimizer.defaults.get("fused")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         # The saved groups replace ours, flags included: an optimizer saved unfused (an older run,
-        # another device) must still step the way this one was built to.
-        for group in self.optimizer.param_groups:
-            group["fused"] = fused
+        # another device) must still step the way this one was built to (timm's have no such flag).
+        if "fused" in self.optimizer.defaults:
+            for group in self.optimizer.param_groups:
+                group["fused"] = self.optimizer.defaults["fused"]
         ready_for_device_skips(self.optimizer)
         self.scaler.load_state_dict(ckpt["scaler"])
         for k in _COUNTERS:
