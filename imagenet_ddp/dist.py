@@ -217,9 +217,21 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 # How a collective that lost its peer or ran past the timeout fails: nccl raises DistBackendError;
-# gloo a plain RuntimeError naming its source file ("gloo/transport/tcp/pair.cc ... Connection closed
-# by peer", "Timed out waiting 5000ms for recv operation").
+# gloo a plain RuntimeError, sometimes naming its source file ("gloo/transport/tcp/pair.cc ...
+# Connection closed by peer", "Timed out waiting 5000ms for recv operation"), sometimes not
+# ("Application timeout caused pair closure", from DDP's buffer broadcast in forward).
 _PEER_LOST = ("timed out", "timeout", "pair closure", "connection reset", "connection closed", "broken pipe")
+_COLLECTIVE_CODE = (os.path.dirname(dist.__file__), os.path.join("torch", "nn", "parallel", "distributed.py"))
+
+
+def _raised_by_collective(error: BaseException) -> bool:
+    """Whether the innermost Python frames of `error` are torch.distributed's or DDP's code."""
+    frame, inside = error.__traceback__, False
+    while frame is not None:
+        path = frame.tb_frame.f_code.co_filename
+        inside = path.startswith(_COLLECTIVE_CODE[0]) or path.endswith(_COLLECTIVE_CODE[1])
+        frame = frame.tb_next
+    return inside
 
 
 def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None = None) -> str | None:
@@ -227,7 +239,11 @@ def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None =
     died or hangs: not this rank's fault, and a traceback through DDP's internals would not help).
     `silent`: the ranks that did not report the failure (silent_ranks), when known."""
     text = str(error).strip()
-    gloo = isinstance(error, RuntimeError) and "gloo" in text and any(w in text.lower() for w in _PEER_LOST)
+    gloo = (
+        isinstance(error, RuntimeError)
+        and ("gloo" in text or _raised_by_collective(error))
+        and any(w in text.lower() for w in _PEER_LOST)
+    )
     if not (isinstance(error, dist.DistError) or gloo):
         return None
     reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

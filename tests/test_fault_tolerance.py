@@ -22,6 +22,7 @@ import torch
 
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.data.shardset import open_split, read_index
+from imagenet_ddp.dist import lost_peer
 from tests.test_train import make_tiny_shards, small_run
 from tests.test_train_ddp import REPO, environment, metrics, start
 
@@ -239,6 +240,34 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(s
     assert "run.timeout_s=5 s" in log
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", log), "torchrun names the lost rank"
     assert load(out / "last.pt")["step"] >= 4  # what was saved before is kept
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Application timeout caused pair closure",  # gloo, from DDP's buffer broadcast (no "gloo" in it)
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1",
+    ],
+)
+def test_a_gloo_collective_that_lost_its_peer_is_named_wherever_it_was_raised(message):
+    """The same error text is a lost peer when torch.distributed or DDP raised it, and not when our
+    own code (a loader, a decoder) did: only the frames it was raised in tell them apart."""
+
+    def raised_in(path: str) -> RuntimeError:
+        code = compile(f"raise RuntimeError({message!r})", path, "exec")
+        try:
+            exec(code)
+        except RuntimeError as e:
+            return e
+        raise AssertionError("not raised")
+
+    ddp = str(Path(torch.__file__).parent / "nn" / "parallel" / "distributed.py")
+    c10d = str(Path(torch.distributed.__file__).parent / "distributed_c10d.py")
+    for path in (ddp, c10d):
+        line = lost_peer(raised_in(path), 5, silent=[1])
+        assert line and line.startswith("rank 1 died or hung") and message.splitlines()[0] in line
+    own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py")), 5, silent=[1])
+    assert (own is not None) == ("gloo" in message)  # gloo's own file in the text still names it
 
 
 def test_a_rank_that_dies_during_validation_ends_the_job_at_once_naming_it(shards, tmp_path):
