@@ -101,6 +101,25 @@ def test_the_torch_policy_is_torchvisions_own_transform(crops, policy):
     assert torch.equal(torch.rand(4), expected)  # the caller's generator is left as it was
 
 
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet"])
+def test_whole_pixel_translations_are_torchvisions_pixels(policy):
+    """The policies translate a PIL image by pasting it (augment._WholePixelShifts): the same
+    pixels as torchvision's affine path, for every offset up to beyond the side, on each axis."""
+    ours, theirs = torch_policy(DataConfig(**POLICIES[policy])).transform, torchvision_transform(policy)
+    rng = np.random.default_rng(0)
+    for width, height in [(48, 48), (37, 29)]:
+        image = v2.functional.to_pil_image(
+            torch.from_numpy(rng.integers(0, 256, (3, height, width), np.uint8))
+        )
+        for transform_id in ("TranslateX", "TranslateY"):
+            for magnitude in [*np.linspace(-50.0, 50.0, 81), 0.4, -0.99, 31.7]:
+                args = (transform_id, float(magnitude), BILINEAR, theirs._fill)
+                got = ours._apply_image_or_video_transform(image, *args)
+                want = theirs._apply_image_or_video_transform(image, *args)
+                assert np.array_equal(np.asarray(got), np.asarray(want)), (width, transform_id, magnitude)
+    assert type(ours)._apply_image_or_video_transform is not type(theirs)._apply_image_or_video_transform
+
+
 def test_ra_with_magnitude_std_is_torchvisions_randaugment_at_the_drawn_bin(crops):
     ours = torch_policy(DataConfig(**POLICIES["ra-mstd"]))
     bins = set()

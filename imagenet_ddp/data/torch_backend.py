@@ -37,6 +37,7 @@ from imagenet_ddp.data.presets import (
     eval_resize,
     eval_resize_shape,
     random_resized_crop_box,
+    resized_crop,
     to_model_input,
     train_size,
 )
@@ -114,9 +115,8 @@ class ShardSamples(IterableDataset):
     def _train_image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
         image = _decode(sample)
         (top, left, h, w), flip, policy_seed = self._draws(rng, image.shape[1], image.shape[2])
-        size = [train_size(self.cfg, self.epoch)] * 2
-        image = F.resized_crop(image, top, left, h, w, size, antialias=True)
-        image = F.horizontal_flip(image) if flip else image
+        image = resized_crop(image, top, left, h, w, train_size(self.cfg, self.epoch))
+        image = F.horizontal_flip(image) if flip else image  # keeps channels-last memory
         return self._layout(image if self.policy is None else self.policy(image, policy_seed))
 
     def _draw_crop(self, sample: Sample, rng: random.Random) -> tuple[tuple[int, int, int, int], bool, int]:
