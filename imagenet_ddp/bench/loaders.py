@@ -10,7 +10,8 @@ into temporary shards. Measured, each the best of --repeats runs taken in turn:
 - ImageFolder + PIL + torchvision v2 transforms in a DataLoader: the baseline (ratio 1.0);
 - the torch and dali backends of imagenet_ddp.data (train preprocessing, normalized batches);
 - with each augmentation policy (--policies; data.auto_augment), both backends, against the
-  policy baseline: ImageFolder + PIL + v2 with TrivialAugmentWide after the flip;
+  policy baseline: ImageFolder + PIL + v2 with TrivialAugmentWide after the flip (bilinear, as
+  torchvision's reference recipe);
 - the decode-only limit: DALI's decoder and PIL over all cores, decoding and nothing else;
 - images/s of a small model trained from the best backend and from the synthetic one.
 
@@ -149,14 +150,17 @@ def _pack(images: Path, out: Path, workers: int) -> None:
 
 
 def _rate(batches, batch_size: int) -> tuple[float, int]:
-    """(images/s after the warm-up batches, images in all batches)."""
-    n, start, i = 0, None, -1
+    """(images/s from the warm-up batches to the last batch's arrival, images in all batches). The
+    clock stops at the last batch, not after the loader's teardown (workers joined, a pipeline
+    released): that runs once a pass, where training validates."""
+    n, start, last, i = 0, None, None, -1
     for i, _ in enumerate(batches):
+        last = time.perf_counter()
         if i == WARMUP:
-            start = time.perf_counter()
+            start = last
         elif i > WARMUP:
             n += batch_size
-    return n / (time.perf_counter() - start), (i + 1) * batch_size
+    return n / (last - start), (i + 1) * batch_size
 
 
 def _imagefolder(root: Path, args, policy: bool = False) -> tuple[float, int]:
@@ -167,7 +171,9 @@ def _imagefolder(root: Path, args, policy: bool = False) -> tuple[float, int]:
         [
             v2.RandomResizedCrop(args.image_size, antialias=True),
             v2.RandomHorizontalFlip(),
-            *([v2.TrivialAugmentWide()] if policy else []),  # on the PIL image, as torchvision's reference
+            # On the PIL image, bilinear, as torchvision's reference recipe (its presets.py passes
+            # --interpolation, default bilinear; the transform's own default is nearest) and as ours.
+            *([v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)] if policy else []),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
