@@ -221,17 +221,21 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 # Connection closed by peer", "Timed out waiting 5000ms for recv operation"), sometimes not
 # ("Application timeout caused pair closure", from DDP's buffer broadcast in forward).
 _PEER_LOST = ("timed out", "timeout", "pair closure", "connection reset", "connection closed", "broken pipe")
-_COLLECTIVE_CODE = (os.path.dirname(dist.__file__), os.path.join("torch", "nn", "parallel", "distributed.py"))
+# Where such an error is raised from Python: torch.distributed, DDP's forward (its buffer broadcast),
+# and the autograd engine (DDP's reducer all-reduces the gradients during backward).
+_COLLECTIVE_CODE = (
+    os.path.dirname(dist.__file__) + os.sep,
+    os.path.dirname(torch.autograd.__file__) + os.sep,
+    os.path.join(os.path.dirname(torch.nn.parallel.__file__), "distributed.py"),
+)
 
 
 def _raised_by_collective(error: BaseException) -> bool:
-    """Whether the innermost Python frames of `error` are torch.distributed's or DDP's code."""
-    frame, inside = error.__traceback__, False
-    while frame is not None:
-        path = frame.tb_frame.f_code.co_filename
-        inside = path.startswith(_COLLECTIVE_CODE[0]) or path.endswith(_COLLECTIVE_CODE[1])
+    """Whether the innermost Python frame of `error` is in torch.distributed, DDP or autograd."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return inside
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_COLLECTIVE_CODE)
 
 
 def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None = None) -> str | None:

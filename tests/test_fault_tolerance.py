@@ -263,7 +263,8 @@ def test_a_gloo_collective_that_lost_its_peer_is_named_wherever_it_was_raised(me
 
     ddp = str(Path(torch.__file__).parent / "nn" / "parallel" / "distributed.py")
     c10d = str(Path(torch.distributed.__file__).parent / "distributed_c10d.py")
-    for path in (ddp, c10d):
+    backward = str(Path(torch.autograd.__file__).parent / "graph.py")  # DDP's reducer, in backward
+    for path in (ddp, c10d, backward):
         line = lost_peer(raised_in(path), 5, silent=[1])
         assert line and line.startswith("rank 1 died or hung") and message.splitlines()[0] in line
     own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py")), 5, silent=[1])
