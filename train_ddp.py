@@ -37,9 +37,10 @@ def train(cfg, env, stop) -> int:
     from imagenet_ddp.config import advice, dump_yaml, loader_config, resolve, to_dict
     from imagenet_ddp.data import build_loader
     from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier
-    from imagenet_ddp.engine import evaluate, make_state, seed_everything, train_one_epoch
+    from imagenet_ddp.engine import evaluate, train_one_epoch
     from imagenet_ddp.finetune import init_from
     from imagenet_ddp.models import architecture, build_model
+    from imagenet_ddp.state import make_state, seed_everything
     from imagenet_ddp.tracking import make_tracker, run_facts
 
     ckpts = ck.CheckpointDir(cfg.run.dir, cfg.run.keep_last, writer=env.is_main)

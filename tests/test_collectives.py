@@ -23,7 +23,8 @@ from torch import nn
 
 from imagenet_ddp.config import load_config, resolve
 from imagenet_ddp.dist import DistEnv, StopSignal
-from imagenet_ddp.engine import make_state, train_one_epoch
+from imagenet_ddp.engine import train_one_epoch
+from imagenet_ddp.state import make_state
 from imagenet_ddp.tracking import NullTracker
 
 STEPS = 8

@@ -20,10 +20,11 @@ import train_ddp
 from imagenet_ddp import checkpoint as ck
 from imagenet_ddp.config import load_config, resolve
 from imagenet_ddp.dist import DistEnv
-from imagenet_ddp.engine import make_state, train_one_epoch
+from imagenet_ddp.engine import train_one_epoch
 from imagenet_ddp.finetune import init_from
 from imagenet_ddp.labels import imagenet_names
 from imagenet_ddp.models import build_model
+from imagenet_ddp.state import make_state
 from imagenet_ddp.synth import jpeg_bytes, synth_image
 from imagenet_ddp.tracking import NullTracker
 from tests.test_train import Batches, NoStop, small_run

@@ -254,7 +254,7 @@ def test_a_checkpoints_architecture_dict_rebuilds_its_variant_and_an_older_one_t
 def test_gradients_reach_every_parameter_of_a_variant_and_the_ema_copy_and_ddp_keep_it():
     """The EMA deep-copies the model (hooks and blur filters included); DDP (gloo, one rank) reduces
     gradients through the hooks; an SGD step moves the blurred convolutions."""
-    from imagenet_ddp.engine import Ema
+    from imagenet_ddp.state import Ema
 
     torch.manual_seed(0)
     model = build_model(

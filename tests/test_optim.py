@@ -23,9 +23,10 @@ from torch.nn import functional as F
 
 from imagenet_ddp.config import OptimConfig, TrainConfig, load_config, resolve
 from imagenet_ddp.dist import DistEnv
-from imagenet_ddp.engine import make_state, train_step
+from imagenet_ddp.engine import train_step
 from imagenet_ddp.losses import build_criterion
 from imagenet_ddp.optim import build_optimizer, lr_at, lr_schedule, param_groups
+from imagenet_ddp.state import make_state
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 

@@ -1,4 +1,4 @@
-"""The training engine in one process: accumulation, non-finite steps,
+"""The training state and loops in one process: accumulation, non-finite steps,
 exact evaluation, EMA, and whole runs of train_ddp.py on real shards (torch and synthetic backends).
 
 python -m pytest tests/test_train.py -q
@@ -22,15 +22,9 @@ from imagenet_ddp.checkpoint import load
 from imagenet_ddp.config import load_config, loader_config, resolve
 from imagenet_ddp.data import build_loader
 from imagenet_ddp.dist import DistEnv
-from imagenet_ddp.engine import (
-    Ema,
-    NonFiniteError,
-    evaluate,
-    make_state,
-    train_one_epoch,
-    train_step,
-)
+from imagenet_ddp.engine import NonFiniteError, evaluate, train_one_epoch, train_step
 from imagenet_ddp.optim import param_groups
+from imagenet_ddp.state import Ema, make_state
 from imagenet_ddp.tracking import NullTracker
 from tests.fixtures import make_folder
 

@@ -245,8 +245,8 @@ def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> 
 def _state(name: str, device: torch.device, size: int, precision: str, deterministic: bool):
     from imagenet_ddp.config import load_config, resolve
     from imagenet_ddp.dist import DistEnv
-    from imagenet_ddp.engine import make_state, seed_everything
     from imagenet_ddp.models import build_model
+    from imagenet_ddp.state import make_state, seed_everything
 
     seed_everything(0, 0, deterministic)
     overrides = [f"train.precision={precision}", f"train.deterministic={str(deterministic).lower()}"]

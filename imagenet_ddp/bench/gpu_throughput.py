@@ -2,7 +2,7 @@
 
     python -m imagenet_ddp.bench gpu --minutes 8 --out runs/bench-gpu
 
-Training is the project's own step (engine.make_state and train_step: fused SGD with Nesterov momentum,
+Training is the project's own step (state.make_state and engine.train_step: fused SGD with Nesterov momentum,
 label smoothing, the one AMP path, channels_last, torch.compile), fed four ways:
 - synthetic: one batch reused on the device, no loading at all: the upper bound;
 - torch, device decode (data.decode_device=cuda): the workers read JPEG bytes, the main process
@@ -305,11 +305,11 @@ class Throughput:
 
 
 def build_state(t: Train, device: torch.device):
-    """engine.make_state for `t` on one process, as train_ddp.py builds it."""
+    """state.make_state for `t` on one process, as train_ddp.py builds it."""
     from imagenet_ddp.config import load_config, resolve
     from imagenet_ddp.dist import DistEnv
-    from imagenet_ddp.engine import make_state, seed_everything
     from imagenet_ddp.models import build_model
+    from imagenet_ddp.state import make_state, seed_everything
 
     if t.compile:
         torch._dynamo.reset()  # a fresh cache: ResNets share forward's code, recompiles would pile up
