@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from imagenet_ddp import labels
+from imagenet_ddp import labels, labels_build, labels_google
 from imagenet_ddp.errors import UserError
 
 SHIPPED = ["en", "es", "fr", "de", "it", "pt"]
@@ -201,7 +201,9 @@ def sources(tmp_path):
 
 
 def test_offline_build_combines_sources_and_drops_wordnet16_rows(tmp_path, sources):
-    report = labels.build(["es"], tmp_path / "out", online=False, log=lambda _: None, curated=None, **sources)
+    report = labels_build.build(
+        ["es"], tmp_path / "out", online=False, log=lambda _: None, curated=None, **sources
+    )
     table = json.loads((tmp_path / "out" / "imagenet1k.es.json").read_text(encoding="utf-8"))
     names = table["names"]
     by_wnid = {w: s for s, wnids in table["sources"].items() for w in wnids}
@@ -272,11 +274,11 @@ def fake_google(monkeypatch):
 
 
 def google(server, tmp_path, **kw):
-    return labels.Google(cache_dir=tmp_path / "cache", endpoint=server.url, backoff=0.05, **kw)
+    return labels_google.Google(cache_dir=tmp_path / "cache", endpoint=server.url, backoff=0.05, **kw)
 
 
 def build_es(tmp_path, sources, google, online=True, langs=("es",)):
-    return labels.build(
+    return labels_build.build(
         list(langs), tmp_path / "out", online, google, log=lambda _: None, curated=None, **sources
     )
 
