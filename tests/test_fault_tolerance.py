@@ -246,6 +246,32 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(s
     assert load(out / "last.pt")["step"] >= 4  # what was saved before is kept
 
 
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-rank gloo process group, as each rank of a CPU job has."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def raised_in(path: str, message: str, kind: type = RuntimeError) -> BaseException:
+    """`kind(message)` raised from code whose file is `path` (its innermost frame)."""
+    try:
+        exec(compile(f"raise kind({message!r})", path, "exec"), {"kind": kind})
+    except kind as e:
+        return e
+    raise AssertionError("not raised")
+
+
+TORCH_DIR = Path(torch.__file__).parent
+COLLECTIVE_CODE = [
+    str(TORCH_DIR / "nn" / "parallel" / "distributed.py"),  # DDP's buffer broadcast in forward
+    str(TORCH_DIR / "distributed" / "distributed_c10d.py"),  # our own all_reduce
+    str(TORCH_DIR / "autograd" / "graph.py"),  # DDP's reducer, in backward
+]
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -253,26 +279,29 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(s
         "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1",
     ],
 )
-def test_a_gloo_collective_that_lost_its_peer_is_named_wherever_it_was_raised(message):
-    """The same error text is a lost peer when torch.distributed or DDP raised it, and not when our
-    own code (a loader, a decoder) did: only the frames it was raised in tell them apart."""
-
-    def raised_in(path: str) -> RuntimeError:
-        code = compile(f"raise RuntimeError({message!r})", path, "exec")
-        try:
-            exec(code)
-        except RuntimeError as e:
-            return e
-        raise AssertionError("not raised")
-
-    ddp = str(Path(torch.__file__).parent / "nn" / "parallel" / "distributed.py")
-    c10d = str(Path(torch.distributed.__file__).parent / "distributed_c10d.py")
-    backward = str(Path(torch.autograd.__file__).parent / "graph.py")  # DDP's reducer, in backward
-    for path in (ddp, c10d, backward):
-        line = lost_peer(raised_in(path), 5, silent=[1])
+def test_a_gloo_collective_that_lost_its_peer_is_named_wherever_it_was_raised(gloo_group, message):
+    """The same error text is a lost peer when torch.distributed, DDP or autograd raised it under a
+    gloo group, and not when our own code (a loader, a decoder) did: only the frames tell them apart."""
+    for path in COLLECTIVE_CODE:
+        line = lost_peer(raised_in(path, message), 5, silent=[1])
         assert line and line.startswith("rank 1 died or hung") and message.splitlines()[0] in line
-    own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py")), 5, silent=[1])
+    own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py"), message), 5, silent=[1])
     assert (own is not None) == ("gloo" in message)  # gloo's own file in the text still names it
+
+
+def test_a_device_error_in_backward_is_no_lost_peer(gloo_group):
+    """A GPU's watchdog ("the launch timed out") surfaces in backward too: it is this rank's error,
+    printed as it is, not blamed on the other ranks."""
+    watchdog = "CUDA error: the launch timed out and was terminated"
+    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], watchdog, torch.AcceleratorError), 5, [1]) is None
+
+
+def test_without_a_gloo_group_only_an_error_naming_gloo_is_a_lost_peer():
+    assert not torch.distributed.is_initialized()
+    assert (
+        lost_peer(raised_in(COLLECTIVE_CODE[-1], "Application timeout caused pair closure"), 5, [1]) is None
+    )
+    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], "gloo: Timed out waiting 5000ms"), 5, [1]) is not None
 
 
 def test_a_rank_that_dies_during_validation_ends_the_job_at_once_naming_it(shards, tmp_path):
