@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.io import decode_jpeg
 from torchvision.models import ResNet50_Weights
@@ -25,6 +26,7 @@ from imagenet_ddp.data.presets import (
     PAD_LABEL,
     center_crop_origin,
     eval_resize_shape,
+    resized_crop,
     train_size,
 )
 from imagenet_ddp.synth import jpeg_bytes
@@ -118,6 +120,24 @@ def ffcv_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
         return max_res
     interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
     return int(np.round(interp[0] / 32)) * 32
+
+
+def test_the_train_crop_is_torchvisions_resized_crop_in_channels_last_memory():
+    """presets.resized_crop (both backends' CPU train crop) against torchvision's resized_crop, on a
+    decoded JPEG's memory layout: random boxes, a 1-pixel box, the whole image, upscaling."""
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (375, 500, 3), np.uint8)).permute(2, 0, 1)  # as decode_jpeg
+    boxes = [(0, 0, 375, 500), (7, 9, 1, 1), (100, 200, 50, 60), (0, 0, 375, 1)]
+    boxes += [
+        tuple(int(v) for v in (rng.integers(0, 200), rng.integers(0, 250), *rng.integers(1, 175, 2)))
+        for _ in range(40)
+    ]
+    for size in (224, 176, 32):
+        for top, left, h, w in boxes:
+            got = resized_crop(image, top, left, h, w, size)
+            want = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+            assert torch.equal(got, want), (top, left, h, w, size)
+            assert got.permute(1, 2, 0).is_contiguous()  # channels last: PIL and the model take it as is
 
 
 @pytest.mark.parametrize(
