@@ -9,4 +9,5 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         print(f"usage: python -m imagenet_ddp.bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
         sys.exit(2)
+    sys.argv[0] = f"python -m imagenet_ddp.bench {sys.argv[1]}"  # argparse's name for the command
     sys.exit(importlib.import_module(f"imagenet_ddp.bench.{sys.argv[1]}").main(sys.argv[2:]))

@@ -105,7 +105,13 @@ def _parse(argv):
         choices=["ta_wide", "ra", "imagenet"],
         help="augmentation policies to measure on both backends (none: give the flag alone)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.images // args.batch_size < WARMUP + 2:
+        p.error(
+            f"--images {args.images} gives {args.images // args.batch_size} batches of {args.batch_size}; "
+            f"at least {WARMUP + 2} are needed ({WARMUP} warm up the loaders)"
+        )
+    return args
 
 
 def _image_folder(tmp: Path, args) -> tuple[Path, int | None]:
