@@ -238,7 +238,7 @@ def _raised_by_collective(error: BaseException) -> bool:
     return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_COLLECTIVE_CODE)
 
 
-def _is_lost_peer(error: BaseException) -> bool:
+def is_lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective that timed out or lost its peer. A plain RuntimeError counts
     when it names gloo, or when gloo is this process group's backend and torch's collective code
     raised it: only then, since a device error raised in backward ("CUDA error: the launch timed
@@ -254,16 +254,10 @@ def _is_lost_peer(error: BaseException) -> bool:
     return gloo and any(w in text.lower() for w in _PEER_LOST)
 
 
-def lost_peer(error: BaseException, timeout_s: float, silent: list[int] | None = None) -> str | None:
-    """One line for the user when `error` is a collective that timed out or lost its peer (another rank
-    died or hangs: not this rank's fault, and a traceback through DDP's internals would not help).
-    `silent`: the ranks that did not report the failure (silent_ranks), when known."""
-    if not _is_lost_peer(error):
-        return None
-    return _lost_peer_line(error, timeout_s, silent)
-
-
-def _lost_peer_line(error: BaseException, timeout_s: float, silent: list[int] | None) -> str:
+def lost_peer_line(error: BaseException, timeout_s: float, silent: list[int] | None) -> str:
+    """One line for the user about a collective that lost its peer (is_lost_peer: another rank died
+    or hangs, not this rank's fault, and a traceback through DDP's internals would not help).
+    `silent`: the ranks that did not report the failure (silent_ranks), None when unknown."""
     text = str(error).strip()
     reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     if silent:
@@ -287,9 +281,9 @@ def _lost_peer_line(error: BaseException, timeout_s: float, silent: list[int] | 
 def collective_failure(error: BaseException, env: DistEnv, timeout_s: float) -> str | None:
     """The one line to print when `error` is a failed collective (naming the ranks that did not
     report it, see silent_ranks), else None. Judged before silent_ranks leaves the process group."""
-    if env.world_size == 1 or not _is_lost_peer(error):
+    if env.world_size == 1 or not is_lost_peer(error):
         return None
-    return _lost_peer_line(error, timeout_s, silent_ranks(env.rank, env.world_size, min(timeout_s, 10)))
+    return lost_peer_line(error, timeout_s, silent_ranks(env.rank, env.world_size, min(timeout_s, 10)))
 
 
 def barrier() -> None:

@@ -22,7 +22,7 @@ import torch
 
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.data.shardset import open_split, read_index
-from imagenet_ddp.dist import lost_peer
+from imagenet_ddp.dist import is_lost_peer, lost_peer_line
 from tests.test_train import make_tiny_shards, small_run
 from tests.test_train_ddp import REPO, environment, metrics, start
 
@@ -264,6 +264,11 @@ def raised_in(path: str, message: str, kind: type = RuntimeError) -> BaseExcepti
     raise AssertionError("not raised")
 
 
+def lost_peer(error: BaseException) -> str | None:
+    """What train_ddp.py prints for `error` when rank 1 did not report it (collective_failure)."""
+    return lost_peer_line(error, 5, [1]) if is_lost_peer(error) else None
+
+
 TORCH_DIR = Path(torch.__file__).parent
 COLLECTIVE_CODE = [
     str(TORCH_DIR / "nn" / "parallel" / "distributed.py"),  # DDP's buffer broadcast in forward
@@ -283,9 +288,9 @@ def test_a_gloo_collective_that_lost_its_peer_is_named_wherever_it_was_raised(gl
     """The same error text is a lost peer when torch.distributed, DDP or autograd raised it under a
     gloo group, and not when our own code (a loader, a decoder) did: only the frames tell them apart."""
     for path in COLLECTIVE_CODE:
-        line = lost_peer(raised_in(path, message), 5, silent=[1])
+        line = lost_peer(raised_in(path, message))
         assert line and line.startswith("rank 1 died or hung") and message.splitlines()[0] in line
-    own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py"), message), 5, silent=[1])
+    own = lost_peer(raised_in(str(REPO / "imagenet_ddp" / "engine.py"), message))
     assert (own is not None) == ("gloo" in message)  # gloo's own file in the text still names it
 
 
@@ -293,15 +298,13 @@ def test_a_device_error_in_backward_is_no_lost_peer(gloo_group):
     """A GPU's watchdog ("the launch timed out") surfaces in backward too: it is this rank's error,
     printed as it is, not blamed on the other ranks."""
     watchdog = "CUDA error: the launch timed out and was terminated"
-    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], watchdog, torch.AcceleratorError), 5, [1]) is None
+    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], watchdog, torch.AcceleratorError)) is None
 
 
 def test_without_a_gloo_group_only_an_error_naming_gloo_is_a_lost_peer():
     assert not torch.distributed.is_initialized()
-    assert (
-        lost_peer(raised_in(COLLECTIVE_CODE[-1], "Application timeout caused pair closure"), 5, [1]) is None
-    )
-    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], "gloo: Timed out waiting 5000ms"), 5, [1]) is not None
+    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], "Application timeout caused pair closure")) is None
+    assert lost_peer(raised_in(COLLECTIVE_CODE[-1], "gloo: Timed out waiting 5000ms")) is not None
 
 
 def test_a_rank_that_dies_during_validation_ends_the_job_at_once_naming_it(shards, tmp_path):
