@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 
 from imagenet_ddp.data import plan
+from imagenet_ddp.data.base import count_steps
+from imagenet_ddp.errors import UserError
 
 SPLITS = [[48, 48, 48, 48, 48, 20], [130], [5, 1, 7], [3], [1000, 1, 999, 500]]
 JOBS = [(1, 1), (2, 1), (3, 2), (4, 3), (8, 4)]  # (world_size, readers per rank)
@@ -23,8 +25,15 @@ def samples(pieces):
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 def test_train_epoch_is_a_duplicate_free_set_of_full_batches(sizes, world_size, readers, batch_size):
     steps = plan.train_steps(sum(sizes), world_size, batch_size)
-    if steps == 0:
+    if steps == 0:  # fewer samples than one global batch: the loaders refuse the split, and nothing is read
+        assert sum(sizes) < world_size * batch_size
+        with pytest.raises(UserError, match="not one full batch"):
+            count_steps("train", sum(sizes), world_size, batch_size, train=True)
+        for rank in range(world_size):
+            for reader in range(readers):
+                assert plan.train_pieces(sizes, 5, 0, rank, world_size, batch_size, reader, readers) == []
         return
+    assert count_steps("train", sum(sizes), world_size, batch_size, train=True) == steps
     for epoch in (0, 1):
         seen = []
         for rank in range(world_size):
