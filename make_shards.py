@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from imagenet_ddp.errors import UserError
+from imagenet_ddp.errors import ArgumentParser, UserError
 
 
 def _default_workers() -> int:
@@ -44,7 +44,7 @@ def parse_args(argv):
     from imagenet_ddp.imagecheck import CHECKS
     from imagenet_ddp.sources import DATASETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for dataset in DATASETS:
         s = sub.add_parser(dataset, help=f"pack {dataset} into shards")

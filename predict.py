@@ -22,13 +22,13 @@ import json
 import os
 import sys
 
-from imagenet_ddp.errors import UserError
+from imagenet_ddp.errors import ArgumentParser, UserError
 
 FORMATS = ("table", "jsonl", "csv")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "images", nargs="*", metavar="IMAGE", help="files, directories, globs; - reads them from stdin"
     )
@@ -36,6 +36,9 @@ def parse_args(argv):
     source.add_argument("--checkpoint", help="a .pt file written by train_ddp.py (e.g. best.pt)")
     source.add_argument("--model", help="an .onnx file written by --export: runs on onnxruntime")
     p.add_argument("--export", metavar="ONNX", help="write the checkpoint's model as ONNX for apps")
+    p.add_argument(
+        "--force", action="store_true", help="--export: replace an existing file that is not our ONNX"
+    )
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument(
         "--lang",
@@ -160,10 +163,11 @@ def evaluate(clf, args) -> int:
 def export(args) -> int:
     from pathlib import Path
 
-    from imagenet_ddp.export import export_onnx
+    from imagenet_ddp.export import check_export_target, export_onnx
     from imagenet_ddp.inference import Classifier
     from imagenet_ddp.shards import file_sha256
 
+    check_export_target(args.export, args.checkpoint, args.force)
     clf = Classifier.from_checkpoint(args.checkpoint, device="cpu", precision="fp32", ema=args.ema)
     source = {"checkpoint": args.checkpoint, "weights": "ema" if args.ema else "model"}
     meta = export_onnx(clf, args.export, {**source, "sha256": file_sha256(Path(args.checkpoint))})

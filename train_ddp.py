@@ -21,11 +21,11 @@ import signal
 import sys
 import time
 
-from imagenet_ddp.errors import UserError
+from imagenet_ddp.errors import ArgumentParser, UserError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="recipe YAML, e.g. configs/demo.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     p.add_argument("--print-config", action="store_true", help="print the checked config and exit")

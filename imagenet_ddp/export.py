@@ -51,6 +51,33 @@ class _Normalized(nn.Module):
         return self.model(torch.addcmul(self.shift, images.float(), self.scale))
 
 
+def check_export_target(path: str | Path, checkpoint: str | Path, force: bool = False) -> None:
+    """UserError unless writing `path` loses nothing: never the checkpoint itself (not even with
+    force), never a folder, and an existing file only if it is an ONNX file this module wrote."""
+    path, checkpoint = Path(path), Path(checkpoint)
+    if path.exists() and checkpoint.exists() and os.path.samefile(path, checkpoint):
+        raise UserError(f"--export {path} is the checkpoint it reads: give another file, e.g. model.onnx")
+    if path.is_dir():
+        raise UserError(f"--export {path} is a folder: give a file name, e.g. {path / 'model.onnx'}")
+    if path.exists() and not force and not _is_our_onnx(path):
+        raise UserError(
+            f"--export {path} exists and is not an ONNX file written by --export: "
+            "give another file name, or add --force to replace it"
+        )
+    if not path.parent.is_dir():
+        raise UserError(f"--export {path}: folder {path.parent} does not exist")
+
+
+def _is_our_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # anything onnx cannot parse is not an export of ours
+        return False
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
 def export_onnx(clf: Classifier, path: str | Path, source: dict) -> dict:
     """Write `clf`'s model (fp32, CPU) to `path` as ONNX with its metadata, atomically. Returns the metadata."""
     import onnx

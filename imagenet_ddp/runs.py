@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from imagenet_ddp.config import recipe_name
-from imagenet_ddp.errors import UserError
+from imagenet_ddp.errors import ArgumentParser, UserError
 
 ANCHORS = Path(__file__).with_name("anchors_data") / "anchors.json"
 # Keys that say where a run lives or logs, not what it trains: never "a difference" between runs.
@@ -325,7 +325,7 @@ def list_runs(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m imagenet_ddp.runs",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

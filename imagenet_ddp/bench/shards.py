@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from imagenet_ddp.errors import ArgumentParser
+
 
 def _make_images(root: Path, n: int, classes: int = 10) -> None:
     from imagenet_ddp.synth import write_image_set
@@ -51,11 +53,15 @@ def _time_pack(listing, out: Path, workers: int, check: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--src", help="existing folder-layout tree (train/<class>/*) instead of generated images")
     p.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
     args = p.parse_args(argv)
+    if args.images < 10 and not args.src:
+        p.error(f"--images must be at least 10 (one per class), got {args.images}")
+    if args.max_workers < 1:
+        p.error(f"--max-workers must be at least 1, got {args.max_workers}")
 
     from imagenet_ddp.sources import list_source
 
