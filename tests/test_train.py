@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import train_ddp
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.config import load_config, loader_config, resolve
 from imagenet_ddp.data import build_loader
+from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ddp.dist import DistEnv
 from imagenet_ddp.engine import NonFiniteError, evaluate, train_one_epoch, train_step
 from imagenet_ddp.optim import param_groups
@@ -310,18 +312,61 @@ def test_the_model_and_its_ema_are_evaluated_in_one_pass_each_as_if_alone():
     }
 
 
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_evaluation_counts_each_val_sample_exactly_once(shards, world_size):
-    """Per-rank counts of a padded split add up to the split (the all-reduce adds them across ranks)."""
+@pytest.fixture(scope="session")
+def numbered_val(tmp_path_factory) -> tuple[Path, Counter]:
+    """Shards whose 32 val images are each one flat grey (10, 17, ..., 227): the grey names the
+    sample after any resize and crop. 4 classes, shards of 5 samples (ranks split inside shards)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("numbered")
+    expected = Counter()
+    for split, count in (("train", 2), ("val", 8)):
+        for c, name in enumerate(["ant", "bee", "cat", "dog"]):
+            (root / "src" / split / name).mkdir(parents=True)
+            for i in range(count):
+                grey = 10 + 7 * (c * count + i)
+                Image.new("RGB", (48, 40), (grey,) * 3).save(
+                    root / "src" / split / name / f"{i}.jpg", quality=95
+                )
+                expected[(c, grey)] += split == "val"
+    args = ["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "1"]
+    assert make_shards.main([*args, "--shard-size", "5"]) == 0
+    return root / "shards", +expected
+
+
+class Recording:
+    """The loader evaluate() is given, keeping (class index, grey) of each sample it counts
+    (a label that is not PAD_LABEL: evaluate's own rule)."""
+
+    def __init__(self, loader):
+        self.loader, self.counted = loader, Counter()
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            for image, label in zip(images, labels.tolist(), strict=True):
+                if label >= 0:  # the grey level back from the normalized red channel
+                    grey = (image[0].float().mean() * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+                    self.counted[(label, round(grey.item()))] += 1
+            yield images, labels
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (3, 0), (3, 2)])
+def test_evaluation_counts_each_val_sample_exactly_once(numbered_val, world_size, workers):
+    """Across ranks, the samples evaluate() counts are the split's 32, each once: the same multiset of
+    (class, image), not only the same total (a sample read twice and one never read would pass that)."""
+    shards, expected = numbered_val
     state = tiny_state()
-    cfg = load_config(
-        None, [f"data.root={shards}", "data.backend=torch", "data.workers=0", "data.eval_size=16"]
-    )
-    counts = []
+    overrides = [f"data.root={shards}", "data.backend=torch", f"data.workers={workers}"]
+    cfg = load_config(None, [*overrides, "data.eval_size=16", "train.batch_size=4"])
+    counts, counted = [], Counter()
     for rank in range(world_size):
-        loader = build_loader(loader_config(cfg), "val", rank=rank, world_size=world_size, train=False)
+        loader = Recording(
+            build_loader(loader_config(cfg), "val", rank=rank, world_size=world_size, train=False)
+        )
         counts.append(evaluate({"": state.model}, loader, state)["val_count"])
-        assert len(loader) * 64 >= counts[-1]
+        assert counts[-1] == sum(loader.counted.values())
+        counted += loader.counted
+    assert len(expected) == 32 and counted == expected
     assert sum(counts) == 32
 
 
