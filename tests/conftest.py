@@ -1,26 +1,33 @@
 """Fixtures shared by test modules: a real headless Chromium (.ci/browser.sh installs it and
-chromedriver; without them the browser tests skip, except under CI=true where they fail)."""
+chromedriver), and the `needs` mark (tests/needs.py): without an optional part a test skips, except
+under CI=true where it fails."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+from tests.needs import needs
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs(part): skip without the part (tests/needs.py), fail under CI=true"
+    )
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        for part in mark.args:
+            needs(part)
 
 
 @pytest.fixture(scope="session")
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("CI: chromium and chromedriver are not installed (.ci/browser.sh failed?)")
-        pytest.skip("chromium and chromedriver are not installed (run .ci/browser.sh)")
+    chromium, chromedriver = needs("chromium")
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for flag in (
         "--headless=new",
         "--no-sandbox",
@@ -38,7 +45,7 @@ def browser():
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

@@ -25,13 +25,7 @@ from imagenet_ddp.data.augment import NUM_BINS, round_bin, settings, torch_polic
 from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
 
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAS_DALI = True
-except ImportError:
-    HAS_DALI = False
-needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+needs_dali = pytest.mark.needs("nvidia.dali")
 DALI = pytest.param("dali", marks=needs_dali)
 
 REPO = Path(__file__).resolve().parent.parent

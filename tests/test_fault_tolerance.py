@@ -23,6 +23,7 @@ import torch
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.data.shardset import open_split, read_index
 from imagenet_ddp.dist import is_lost_peer, lost_peer_line
+from tests.needs import needs
 from tests.test_train import make_tiny_shards, small_run
 from tests.test_train_ddp import REPO, environment, metrics, start
 
@@ -141,13 +142,10 @@ def test_sigterm_to_all_mid_epoch_then_the_same_command_ends_bitwise_as_an_unint
 @pytest.fixture
 def small_disk(tmp_path):
     """A 230 MB tmpfs: room for two checkpoints of the test model (90 MB each), not three."""
+    needs("tmpfs")
     where = tmp_path / "disk"
     where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=230m", "tmpfs", str(where)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=230m", "tmpfs", str(where)], check=True)
     try:
         yield where
     finally:
@@ -183,6 +181,32 @@ def test_a_full_disk_is_reported_and_the_last_good_checkpoint_stays_loadable(sha
         "step-00000002.pt",
         "step-00000004.pt",
     ]
+
+
+def test_a_file_size_limit_fails_every_checkpoint_write_and_the_run_reports_it(shards, tmp_path):
+    """The full disk without a tmpfs, so that it runs everywhere: `prlimit --fsize` (RLIMIT_FSIZE)
+    under the checkpoint's size (90 MB) makes every checkpoint write fail, as a full disk does, with
+    EFBIG instead of ENOSPC. Nothing half-written stays behind and the run does not end as a success."""
+    out = tmp_path / "run"
+    args = small_run(shards, out, "train.epochs=1", "run.checkpoint_every=4")
+    limit = [needs("prlimit"), f"--fsize={40 * 2**20}", "--"]
+    done = subprocess.run(
+        [*limit, sys.executable, "train_ddp.py", *args],
+        cwd=REPO,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    warnings = [line for line in done.stdout.splitlines() if "File too large" in line]
+    assert [w.split(":")[1].strip() for w in warnings] == [  # steps 4, 8 and 12 (the epoch's end)
+        f"cannot write checkpoint {out / f'step-{step:08d}.pt'}" for step in (4, 8, 12)
+    ], done.stdout
+    assert done.returncode == 1
+    assert "error: the final checkpoint was not saved" in done.stderr
+    assert (out / "metrics.jsonl").exists()  # the run went on to the end of its epoch
+    assert not [p.name for p in out.iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
 
 
 def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_and_resumes(shards, tmp_path):
@@ -334,7 +358,7 @@ def test_a_dali_run_resumed_mid_epoch_ends_with_the_same_weights_as_an_uninterru
     """Two ranks; the resumed run restores each rank's DALI reader checkpoint (saved in last.pt) and
     continues the epoch at batch 5 without reading the first 5 again: it sees exactly the samples
     and crops the uninterrupted one saw after step 5 (the loader tests check none is seen twice)."""
-    pytest.importorskip("nvidia.dali")
+    needs("nvidia.dali")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     same = ("data.backend=dali", "data.workers=1", "train.epochs=2", "train.deterministic=true")
     same += ("run.checkpoint_every=5", "run.keep_last=10")

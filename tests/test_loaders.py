@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES, TRAIN_PER_CLASS = 130, 2
 SIZE, BATCH = 32, 8
 
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAS_DALI = True
-except ImportError:
-    HAS_DALI = False
-DALI = pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed"))
+DALI = pytest.param("dali", marks=pytest.mark.needs("nvidia.dali"))
 # The torch backend decoding in the main process (data.decode_device=cuda, gpu_decode.py), on the
 # loader's device: here the CPU, libjpeg-turbo standing in for nvJPEG.
 TORCH_ON_DEVICE = "torch-decode-on-device"
@@ -231,7 +225,7 @@ def test_the_torch_backend_resumes_without_decoding_the_batches_before(shards, m
     assert len(rest) == loader.steps - 5 and len(decoded) == len(rest) * BATCH
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 @pytest.mark.parametrize(
     "change",
     [{"shuffle_buffer": 32}, {"epoch": 2}, {"batch": 3}, {"dali": b"\x01damaged"}],
@@ -254,7 +248,7 @@ def test_dali_state_from_another_pass_is_not_restored_but_replayed(shards, chang
     assert all(torch.equal(a, b) for a, b in zip(labels[2:], rest, strict=True))
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_dali_and_torch_eval_images_agree(shards):
     # Same libjpeg-turbo decode, same resize grid and crop origin: only rounding may differ.
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
@@ -394,7 +388,7 @@ except UserError as e:
     assert "pip install nvidia-dali-cuda130" in out.stdout
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 @pytest.mark.parametrize("policy", ["none", "ta_wide", "ra", "imagenet"])
 def test_dali_train_graph_of_cuda_devices_runs(shards, policy):
     # No GPU here: run the graph that CUDA devices use (DALI resizes, not torchvision) on CPU threads.
@@ -437,7 +431,7 @@ GPU_SETTINGS = dict(
 )
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_the_mixed_decoders_get_the_configs_gpu_settings_and_libjpeg_upsampling(shards):
     """No GPU here to run them: the data.dali_* settings must reach a CUDA device's pipeline, each as
     an argument DALI's decoders accept, without changing the checkpoint key (they change no sample)."""
@@ -481,7 +475,7 @@ def test_out_of_range_dali_gpu_settings_give_one_line_errors(change, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_dali_index_files_cut_for_earlier_epochs_do_not_pile_up(shards):
     """Each train epoch cuts a rank's first and last shard to its own range; 300 epochs must not leave
     300 epochs' worth of files in the temporary folder."""
@@ -494,7 +488,7 @@ def test_dali_index_files_cut_for_earlier_epochs_do_not_pile_up(shards):
     assert max(counts) <= 4, counts  # this pass's cuts and the next one's (built ahead)
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_a_dali_train_pass_built_ahead_gives_the_same_batches_as_one_built_when_asked(shards):
     """The next epoch's train pipeline is built as the last batch is handed out (its build overlaps
     validation); it must be the pipeline that epoch would have built."""
@@ -518,7 +512,7 @@ def test_a_dali_train_pass_built_ahead_gives_the_same_batches_as_one_built_when_
         assert not loader.ahead
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_close_drops_the_pipeline_built_ahead_and_its_thread(shards):
     import threading
 
@@ -586,7 +580,7 @@ def test_more_shards_than_the_open_file_soft_limit_still_load(many_shards, backe
         assert "ulimit -n" in message and "--shard-size" in message
 
 
-@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
+@pytest.mark.needs("nvidia.dali")
 def test_a_dali_failure_that_is_not_about_the_data_hashes_no_shard(shards, monkeypatch):
     """Only a read or decode failure is worth hashing the pass's shards (minutes for a rank's share
     of ImageNet): a resource failure is named at once."""

@@ -27,6 +27,7 @@ from imagenet_ddp.models import (
     build_model,
     deterministic_pooling,
 )
+from tests.needs import needs
 
 # FFCV's train_imagenet.py BlurPoolConv2d, written out: [1,2,1]^T [1,2,1] / 16 on each channel.
 FFCV_FILTER = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
@@ -300,7 +301,7 @@ def test_torch_compile_keeps_the_drop_path_and_dropout_hooks(variant):
 def test_predict_rebuilds_a_variant_from_the_checkpoint_alone_and_exports_it(tmp_path, capsys):
     """A checkpoint of a BlurPool + drop path + dropout ResNet-18: predict.py classifies with the same
     network in eval mode (no draws: the same answers twice), and its ONNX export answers the same."""
-    pytest.importorskip("onnxscript")
+    needs("onnxscript")
     import predict
     from imagenet_ddp.export import OnnxClassifier
     from imagenet_ddp.inference import Classifier

@@ -273,10 +273,8 @@ def tiny_shards(tmp_path_factory) -> Path:
     return make_tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.needs("nvidia.dali"))])
 def test_preprocessing_gives_the_model_what_the_loaders_eval_path_gives_it(tiny_shards, tmp_path, backend):
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali")
     from imagenet_ddp.data import DataConfig, build_loader
 
     cfg = DataConfig(root=str(tiny_shards), backend=backend, eval_size=40, batch_size=8, workers=1)

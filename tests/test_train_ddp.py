@@ -149,8 +149,8 @@ def test_sigusr1_to_a_single_process_saves_last_pt_and_exits_75(shards, tmp_path
     assert 3 <= load(out / "last.pt")["step"] < 50 * 12
 
 
+@pytest.mark.needs("nvidia.dali")
 def test_the_demo_recipe_runs_under_torchrun_with_the_dali_cpu_backend(shards, tmp_path):
-    pytest.importorskip("nvidia.dali")
     out = tmp_path / "run"
     args = [
         "--config",
