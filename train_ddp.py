@@ -200,6 +200,7 @@ def main(argv=None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         from imagenet_ddp.dist import StopSignal, collective_failure, distributed
+        from imagenet_ddp.runlock import hold_run_dir
 
         stop = StopSignal().install()  # before any worker process or thread starts
         stop.received = early[0] if early else None
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
             with distributed(cfg.run.timeout_s) as env:
                 prefix = f"train_ddp.py: error on rank {env.rank}:" if env.world_size > 1 else prefix
                 try:
-                    return train(cfg, env, stop)
+                    with hold_run_dir(cfg.run.dir, env.is_main):
+                        return train(cfg, env, stop)
                 except Exception as e:
                     message = collective_failure(e, env, cfg.run.timeout_s)
                     if message is None:
