@@ -120,11 +120,19 @@ def train(cfg, env, stop) -> int:
         # Every rank's RNG state and loader position, so a resumed rank continues its own streams,
         # and every rank's weights digest: replicas that drifted apart would be a silent bug.
         mine = {**state.rank_state(), "loader": train_loader.state_dict()}
-        per_rank = all_gather_object((mine, ck.weights_digest(state.model)))
-        digests = [digest for _, digest in per_rank]
+        weights = ck.unwrap(state.model).state_dict()
+        per_rank = all_gather_object((mine, ck.weights_digest(state.model), ck.nonfinite_tensors(weights)))
+        bad = next((bad for _, _, bad in per_rank if bad), None)
+        if bad:  # on every rank: none waits in a collective for a save that will not come
+            raise ck.NonFiniteWeightsError(
+                f"{len(bad)} of {len(weights)} weight tensors hold NaN/Inf at step {state.step} (first: "
+                f"{bad[0]}): not saved; {ckpts.last.name} and {ckpts.best.name} keep the last finite ones. "
+                "Lower optim.lr, set train.grad_clip, or use bf16/fp32"
+            )
+        digests = [digest for _, digest, _ in per_rank]
         if len(set(digests)) > 1:
             tracker.info(f"warning: weights differ between ranks at step {state.step}: {digests}")
-        payload = {**static, **state.state_dict(), "ranks": [r for r, _ in per_rank], "metrics": metrics}
+        payload = {**static, **state.state_dict(), "ranks": [r for r, _, _ in per_rank], "metrics": metrics}
         payload["weights_sha256"] = digests
         try:
             ckpts.save({**payload, "wandb_run_id": tracker.wandb_run_id}, is_best)

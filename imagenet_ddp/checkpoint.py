@@ -73,6 +73,19 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be written or read."""
 
 
+class NonFiniteWeightsError(UserError):
+    """Weights with NaN/Inf: saving them would replace a usable checkpoint with garbage."""
+
+
+def nonfinite_tensors(weights: dict) -> list[str]:
+    """Names of the floating-point tensors of a state_dict that hold a NaN or an infinity."""
+    return [
+        name
+        for name, t in weights.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP and torch.compile wrappers: what is saved and evaluated."""
     while True:
@@ -191,6 +204,14 @@ class CheckpointDir:
         """Write `ckpt` as the newest checkpoint (and best.pt); drop step files beyond keep_last."""
         if not self.writer:
             return None
+        for key in ("model", "ema"):
+            bad = nonfinite_tensors(ckpt.get(key) or {})
+            if bad:
+                raise NonFiniteWeightsError(
+                    f"{len(bad)} of {len(ckpt[key])} tensors of the {key} weights hold NaN/Inf at step "
+                    f"{ckpt.get('step')} (first: {bad[0]}): not saved, {self.last.name} and "
+                    f"{self.best.name} are kept. Lower optim.lr, set train.grad_clip, or use bf16/fp32"
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         # A writer killed in the middle of a save (SIGKILL, power loss) leaves its temporary file:
         # the run folder has one writer, so any such file is a dead one's (a checkpoint's size each).

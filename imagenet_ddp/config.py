@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,10 +381,55 @@ def loader_config(cfg: Config) -> LoaderConfig:
         raise ConfigError(str(e)) from None
 
 
+# Sides in pixels worth training on and that a decoder can make: below MIN_SIDE an image holds
+# nothing to learn from; above MAX_SIDE a resize needs gigabytes per batch.
+MIN_SIDE, MAX_SIDE = 8, 4096
+
+
+def _nonfinite(cfg: Config) -> str | None:
+    """The first number of the config that is NaN or infinite, as `section.key=value`."""
+    for section, values in to_dict(cfg).items():
+        if section == "derived":
+            continue
+        for key, value in values.items():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    return f"{section}.{key}={value}"
+    return None
+
+
+def _has_batchnorm(name: str) -> bool:
+    import torch
+    from torch import nn
+
+    from imagenet_ddp.models import architecture, build_model
+
+    with torch.device("meta"):  # no memory, no initialization: only the layer types are wanted
+        model = build_model(**architecture(name, 2))
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def validate(cfg: Config) -> Config:
     """Rules between and within fields that types cannot express; ConfigError naming the key."""
-    t, o = cfg.train, cfg.optim
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    bad = _nonfinite(cfg)
+    if bad:
+        raise ConfigError(f"{bad}: every number must be finite (not NaN or infinity)")
     rules = [
+        (
+            MIN_SIDE <= d.image_size <= MAX_SIDE and MIN_SIDE <= d.eval_size <= MAX_SIDE,
+            f"data.image_size and data.eval_size must be in [{MIN_SIDE}, {MAX_SIDE}] pixels "
+            f"(got {d.image_size} and {d.eval_size})",
+        ),
+        (
+            0 < d.eval_crop_ratio <= 1 and eval_resize(d) <= MAX_SIDE,
+            f"data.eval_size / data.eval_crop_ratio (or data.eval_resize_size) must be at most {MAX_SIDE} "
+            f"pixels, got {d.eval_size} / {d.eval_crop_ratio}",
+        ),
+        (0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (cfg.model.drop_path is None or 0 <= cfg.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
+        (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
@@ -436,6 +482,11 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     loader_config(cfg)
+    if t.batch_size == 1 and _has_batchnorm(cfg.model.name):
+        raise ConfigError(
+            f"train.batch_size=1 with {cfg.model.name}'s BatchNorm: its statistics need at least 2 "
+            "images per rank; use train.batch_size>=2 (train.grad_accum keeps a global batch)"
+        )
     from imagenet_ddp.finetune import check_freeze
     from imagenet_ddp.models import architecture
 
@@ -482,6 +533,10 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
         recipe=cfg.derived.recipe,
         overrides=list(cfg.derived.overrides),
     )
+    if not math.isfinite(derived.lr):
+        raise ConfigError(
+            f"optim.lr={o.lr} scaled to a global batch of {global_batch} is {derived.lr}: lower optim.lr"
+        )
     return dataclasses.replace(cfg, derived=derived)
 
 

@@ -195,3 +195,30 @@ def test_a_run_folder_that_is_a_file_or_unwritable_is_one_line(shards, tmp_path)
             assert code == 2 and "not writable" in err and err.count("\n") == 1, err
     finally:
         locked.chmod(0o700)
+
+
+def test_weights_that_became_non_finite_are_never_saved(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = train(overrides(shards, run_dir, "optim.lr=3e38", "run.checkpoint_every=1"))
+    assert code == 2 and err.count("\n") == 1 and "hold NaN/Inf at step" in err, err
+    for name in ("last.pt", "best.pt"):
+        if (run_dir / name).exists():
+            ckpt = torch.load(run_dir / name, weights_only=True)
+            assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr=inf: every number must be finite"),
+        ("optim.momentum=nan", "optim.momentum=nan"),
+        ("optim.weight_decay=nan", "optim.weight_decay=nan"),
+        ("optim.lr=1e308", "lower optim.lr"),  # scaled to the global batch: inf
+    ],
+)
+def test_non_finite_settings_are_refused_before_anything_is_written(shards, tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    code, out, err = train(overrides(shards, run_dir, "optim.ref_batch_size=1", override))
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not run_dir.exists() or not any(run_dir.iterdir())
