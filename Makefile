@@ -12,7 +12,7 @@ DEMO_OUT := shards/demo
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dali,dev,demo,export]'
+	$(PY) -m pip install -q -e '.[dali,decode,dev,demo,export]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
-from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
-from imagenet_ddp.data import DataConfig, build_loader
+from imagenet_ddp.data import DataConfig, build_loader, jpeg
 from imagenet_ddp.data.augment import NUM_BINS, round_bin, settings, torch_policy
 from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
@@ -61,7 +60,7 @@ def crops(source) -> torch.Tensor:
     files = sorted((source / "train").rglob("*.JPEG"))
     with warnings.catch_warnings():  # torchvision 0.29's deprecation of its decoders, at every call
         warnings.simplefilter("ignore", DeprecationWarning)
-        images = [decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)) for f in files]
+        images = [jpeg.decode(bytearray(f.read_bytes())) for f in files]
     return torch.stack([F.resize(image, [SIDE, SIDE], antialias=True) for image in images])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from imagenet_ddp.data import PAD_LABEL, DataConfig, build_loader, gpu_decode
 from imagenet_ddp.data.presets import IMAGENET_STD
+from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +37,11 @@ def shards(tmp_path_factory) -> Path:
     cmd = [sys.executable, "make_shards.py", "folder", "--src", str(src), "--out", str(out)]
     subprocess.run(cmd + ["--shard-size", "16", "--workers", "1"], cwd=REPO, check=True, capture_output=True)
     return out
+
+
+def grey_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| of normalized images in grey levels of each channel."""
+    return (a - b).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
 def config(root, decode_device, **kw) -> DataConfig:
@@ -58,7 +65,10 @@ def test_eval_images_are_the_worker_decode_paths(shards, channels_last, rank, wo
     cpu = epoch(config(shards, "cpu", eval_size=40, **kw), "val", **where)
     device = epoch(config(shards, "cuda", eval_size=40, **kw), "val", **where)
     assert torch.equal(cpu[1], device[1])
-    assert torch.equal(cpu[0], device[0])  # the same decoder and ops: the same pixels, padding included
+    # The same decoder; uint8 fixed-point resizing there, float32 rounded once here: a grey level at most.
+    assert float(grey_levels(cpu[0], device[0]).max()) <= 1.001
+    padding = cpu[1] == PAD_LABEL
+    assert torch.equal(cpu[0][padding], device[0][padding])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert device[0].is_contiguous(memory_format=fmt)
     assert (device[1][-batch:] == PAD_LABEL).all() == (world_size == 7)
@@ -73,7 +83,7 @@ def test_train_images_are_the_worker_decode_paths_at_each_progressive_size(shard
     device = epoch(config(shards, "cuda", **ramp), "train", at=at, **where)
     assert device[0].shape[1:] == (3, side, side)
     assert torch.equal(cpu[1], device[1])
-    assert float((cpu[0] - device[0]).abs().max()) <= GREY_LEVEL
+    assert float(grey_levels(cpu[0], device[0]).max()) <= 1.001
 
 
 @pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet"])
@@ -84,8 +94,10 @@ def test_a_policy_draws_the_worker_paths_ops_from_each_images_seed(shards, polic
     device = epoch(config(shards, "cuda", auto_augment=policy), "train", seed=3)
     again = epoch(config(shards, "cuda", auto_augment=policy), "train", seed=3)
     assert torch.equal(cpu[1], device[1]) and torch.equal(device[0], again[0])
-    per_image = (cpu[0] - device[0]).abs().flatten(1).mean(1) / GREY_LEVEL
-    assert float(per_image.max()) < 4
+    per_image = grey_levels(cpu[0], device[0]).flatten(1).mean(1)
+    # Inputs within a grey level (see above) go through the same op at the same magnitude; where an
+    # op is a threshold (posterize, solarize, equalize), a level can move a pixel far: a few images.
+    assert float(per_image.median()) < 1.5 and float((per_image < 4).float().mean()) >= 0.75, per_image
     none = epoch(config(shards, "cuda"), "train", seed=3)[0]  # the policy does change the images
     assert float((none - device[0]).abs().mean()) > 4 * GREY_LEVEL
 
@@ -125,3 +137,79 @@ def test_nvjpeg_images_are_close_to_libjpeg_turbos(shards):
     assert cuda[0].is_cuda and torch.equal(cpu[1], cuda[1].cpu())
     diff = (cpu[0] - cuda[0].cpu()).abs() / GREY_LEVEL
     assert float(diff.mean()) < 2
+
+
+@pytest.mark.parametrize("prefetch", [gpu_decode.PREFETCH, 0])
+def test_the_next_batch_is_decoded_while_the_current_one_is_in_use(shards, monkeypatch, prefetch):
+    """The decode thread starts batch N+1 before the training releases batch N, and stops `prefetch`
+    batches (+1 in hand) ahead. prefetch=0 (no thread, the negative control) decodes only when asked."""
+    started, decode = [], gpu_decode.decode
+    record = lambda files, where, device: started.append(where[0]) or decode(files, where, device)  # noqa: E731
+    monkeypatch.setattr(gpu_decode, "decode", record)
+    with build_loader(config(shards, "cuda"), "train") as loader:
+        loader.decoder.prefetch = prefetch
+        batches = iter(loader)
+        first = next(batches)  # in use from here on
+        deadline = time.monotonic() + (5 if prefetch else 1)
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (len(started) >= 2) == (prefetch > 0)
+        time.sleep(0.5)
+        assert len(started) <= 2 + prefetch  # bounded: this batch, `prefetch` queued, one waiting to be
+        assert first[0].shape == (8, 3, 32, 32)
+        assert len([first, *batches]) == loader.steps  # and the pass goes on to its end
+
+
+def test_a_batched_decoder_failure_that_no_single_file_repeats_keeps_its_cause(shards, monkeypatch):
+    from imagenet_ddp.data import jpeg
+
+    real = jpeg.decode_many
+
+    def flaky(files, device):  # as a device failure would: the batch fails, each file alone decodes
+        if len(files) > 1:
+            raise RuntimeError("nvjpeg.cpp:123, NVJPEG_STATUS_EXECUTION_FAILED")
+        return real(files, device)
+
+    monkeypatch.setattr(jpeg, "decode_many", flaky)
+    with (
+        build_loader(config(shards, "cuda", workers=0), "val") as loader,
+        pytest.raises(
+            RuntimeError, match="each file decodes alone \\(NVJPEG_STATUS_EXECUTION_FAILED\\)"
+        ) as e,
+    ):
+        next(iter(loader))
+    assert not isinstance(e.value, UserError) and "NVJPEG_STATUS" in str(e.value.__cause__)
+
+
+def test_a_bad_file_is_named_by_the_one_by_one_retry(shards, monkeypatch):
+    from imagenet_ddp.data import jpeg
+
+    files = [torch.frombuffer(bytearray(b"not a jpeg"), dtype=torch.uint8)]
+    with pytest.raises(UserError, match="^shard x, sample 7: cannot decode its JPEG \\(Not a JPEG file"):
+        gpu_decode.decode(files, ["shard x, sample 7"], torch.device("cpu"))
+    assert jpeg.backend()[0] == "torchcodec"
+
+
+def test_decoding_uses_torchcodec_without_a_deprecation_warning_and_torchvision_where_it_is_missing(
+    shards, monkeypatch
+):
+    import sys
+    import warnings
+
+    from imagenet_ddp.data import jpeg
+
+    files = sorted((shards / "val").glob("*.tar"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeprecationWarning from torchvision.io (or anything else)
+        assert jpeg.backend()[0] == "torchcodec"
+        cfg = config(shards, "cuda", workers=0, eval_size=40)
+        codec = epoch(cfg, "val")
+        monkeypatch.setitem(sys.modules, "torchcodec", None)  # as if not installed
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+        jpeg.backend.cache_clear()
+        try:
+            assert jpeg.backend()[0] == "torchvision"
+            fallback = epoch(cfg, "val")
+        finally:
+            jpeg.backend.cache_clear()
+    assert files and torch.equal(codec[0], fallback[0])  # libjpeg-turbo both: the same pixels

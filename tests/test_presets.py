@@ -16,10 +16,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.io import decode_jpeg
 from torchvision.models import ResNet50_Weights
 
-from imagenet_ddp.data import DataConfig, build_loader
+from imagenet_ddp.data import DataConfig, build_loader, jpeg
 from imagenet_ddp.data.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -102,7 +101,7 @@ def test_eval_crops_equal_torchvisions_preset(jpegs, backend, preset):
     for image, label in zip(images, labels, strict=True):
         if label == PAD_LABEL:
             continue
-        pixels = decode_jpeg(torch.frombuffer(bytearray(data[label]), dtype=torch.uint8))
+        pixels = jpeg.decode(bytearray(data[label]))
         expected = grey_levels(reference(pixels)[None])[0]
         got = grey_levels(image[None])[0]
         assert float((got - expected).abs().max()) <= 1.0 + 1e-3, f"image {SHAPES[label]}"

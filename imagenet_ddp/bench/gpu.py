@@ -9,7 +9,7 @@ Measured (gpu_throughput.py says how), in this order of priority:
 - ResNet-50 and ResNet-18 train steps (bf16 autocast, channels_last) at --sizes and --batch-sizes,
   torch.compile off and on, fed by synthetic data (the upper bound), by the torch backend from shards
   generated here (device decode: nvJPEG; and worker decode) and by the dali backend when importable;
-- nvJPEG batched decode (torchvision.io.decode_jpeg on CUDA) against libjpeg-turbo on all cores;
+- nvJPEG batched decode (TorchCodec's decode_jpeg on CUDA, torchvision.io's where it is missing) against libjpeg-turbo on all cores;
 - fp16 steps with GradScaler; one DistributedDataParallel step under torchrun (nccl; gloo on CPU);
 - peak GPU memory of each (torch.cuda.max_memory_allocated);
 - the checks: deterministic (train.deterministic=true runs 3 steps of ResNet-18 and EfficientNet-B0

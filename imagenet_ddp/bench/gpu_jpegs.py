@@ -4,7 +4,7 @@
 
 The images come from imagenet_ddp.synth (photo-like, 500x375, quality 90: ~75 KB, an ImageNet
 photo's weight), drawn on all cores and packed by shards.pack_split into enough files that every
-loader worker reads its own. The decode rates: nvJPEG through torchvision.io.decode_jpeg on a list
+loader worker reads its own. The decode rates: nvJPEG through data/jpeg.py's decode_many (TorchCodec or torchvision.io) on a list
 (nvJPEG's batched decoder), against the same call on the CPU (libjpeg-turbo) in one process per core.
 """
 
@@ -49,16 +49,16 @@ def _write_class(folder: Path, count: int, seed: int) -> None:
 
 
 def decode_nvjpeg(jpegs, batch_size, device, slice_s, count) -> tuple[float, int]:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from imagenet_ddp.data.jpeg import decode_many
 
     data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
     data *= math.ceil(2 * batch_size / len(data))  # at least two different batches
     batches = [data[i : i + batch_size] for i in range(0, len(data) - batch_size + 1, batch_size)]
-    decode_jpeg(batches[0], mode=ImageReadMode.RGB, device=device)  # the decoder's set-up
+    decode_many(batches[0], device)  # the decoder's set-up
     sync(device)
     images, start = 0, time.perf_counter()
     while (count is None and time.perf_counter() - start < slice_s) or (count is not None and images < count):
-        decode_jpeg(batches[(images // batch_size) % len(batches)], mode=ImageReadMode.RGB, device=device)
+        decode_many(batches[(images // batch_size) % len(batches)], device)
         images += batch_size
     sync(device)
     return images / (time.perf_counter() - start), images
@@ -68,10 +68,10 @@ _cpu_jpegs: list[bytes] = []  # what the forked decode processes read
 
 
 def _decode_cpu_chunk(indexes: range) -> int:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from imagenet_ddp.data.jpeg import decode
 
     for i in indexes:
-        decode_jpeg(torch.frombuffer(bytearray(_cpu_jpegs[i]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        decode(bytearray(_cpu_jpegs[i]))
     return len(indexes)
 
 

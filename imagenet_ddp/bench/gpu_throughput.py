@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from imagenet_ddp.bench.gpu_jpegs import IMAGE, cores, decode_cpu, decode_nvjpeg, sync, write_shards
+from imagenet_ddp.data import jpeg
 
 WARMUP = 3  # steps (batches of each loader pass) before the clock starts
 MIN_STEPS, MAX_STEPS = 5, 400  # timed steps of a measurement without --steps
@@ -256,10 +257,10 @@ class Throughput:
         count = self.opts.steps * d.batch_size if self.opts.steps else None
         if d.decoder == "nvjpeg":
             rate, images = decode_nvjpeg(self.jpegs, d.batch_size, self.device, self.opts.slice, count)
-            detail = f"torchvision.io.decode_jpeg(list of {d.batch_size}, device=cuda)"
+            detail = f"{jpeg.backend()[0]} decode_jpeg(list of {d.batch_size}, device=cuda)"
         else:
             rate, images = decode_cpu(self.jpegs, cores(), self.opts.slice, count)
-            detail = f"torchvision.io.decode_jpeg on the CPU (libjpeg-turbo), {cores()} processes"
+            detail = f"{jpeg.backend()[0]} decode_jpeg on the CPU (libjpeg-turbo), {cores()} processes"
         return {"img_per_s": round(rate, 1), "steps": images // d.batch_size, "detail": detail}
 
     def _ddp(self, d: Ddp) -> dict:

@@ -7,9 +7,13 @@
 Each is torchvision.transforms.v2's own: RandomErasing (value 0 on normalized images: the mean
 colour, as torchvision's reference recipe applies it after Normalize) on each image, then one of
 MixUp / CutMix on the batch (v2.RandomChoice with CutMix chosen with probability switch_prob,
-timm's name for it). Their parameters are drawn on the host (no device sync), from a generator
-seeded by (seed, rank, epoch, batch): a pure function of the batch's position, so a resumed run
-draws what the uninterrupted one drew, whatever was replayed or restored before it.
+timm's name for it). Their parameters are drawn on the host from a generator seeded by (seed, rank,
+epoch, batch): a pure function of the batch's position, so a resumed run draws what the
+uninterrupted one drew, whatever was replayed or restored before it.
+
+Nothing here makes the host wait for the device: boxes and lambdas are host numbers, and an erased
+box is filled with a Python number. (torchvision's RandomErasing fills from a CPU tensor: on a
+CUDA batch, a blocking copy per erased image. Its own draws are kept, so the boxes are the same.)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class BatchAugment:
     ):
         self.seed, self.rank = seed, rank
         self.erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
+        self.erase_value = 0.0
         mixers, weights = [], []
         if cutmix_alpha > 0:
             mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
@@ -58,12 +63,30 @@ class BatchAugment:
             return images, labels
         with cpu_draws(derive_seed(_STREAM, self.seed, self.rank, epoch, batch)):
             if self.erase is not None:
-                # Per image, as torchvision's recipe applies it (a v2 transform given a batch erases
-                # one box in all of its images); a new batch: a loader may hand out the same one twice.
-                images = torch.stack([self.erase(image) for image in images])
+                images = self._erase(images)
             if self.mix is not None:
                 images, labels = self.mix(images, labels)
         return images, labels
+
+    def _erase(self, images: torch.Tensor) -> torch.Tensor:
+        """torchvision's RandomErasing per image, as its recipe applies it (a v2 transform given a batch
+        erases one box in all of its images), with its own draws in its own order: the p test, then
+        make_params on an image of the batch's shape (a meta tensor: no pixels)."""
+        shape = torch.empty(images.shape[1:], device="meta")
+        make_params = getattr(self.erase, "make_params", None) or self.erase._get_params  # torchvision < 0.21
+        boxes = []
+        for n in range(len(images)):
+            if torch.rand(1) >= self.erase.p:
+                continue
+            box = make_params([shape])
+            if box["v"] is not None:  # None: no box fitted in 10 tries, the image stays as it is
+                boxes.append((n, box["i"], box["j"], box["h"], box["w"]))
+        if not boxes:
+            return images
+        images = images.clone()  # a new batch: a loader may hand out the same one twice
+        for n, i, j, h, w in boxes:
+            images[n, :, i : i + h, j : j + w] = self.erase_value  # a fill kernel, no transfer
+        return images
 
 
 def hard_labels(targets: torch.Tensor) -> torch.Tensor:

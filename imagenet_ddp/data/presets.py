@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 import random
+import threading
 
 import numpy as np
 import torch
@@ -137,12 +138,19 @@ def one_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+# torch's CPU generator is one per process: the training thread (batch augmentation) and the
+# device-decode thread (policies) take turns with it.
+_DRAWS = threading.RLock()
+
+
 @contextlib.contextmanager
 def cpu_draws(seed: int):
     """torch's CPU generator seeded with `seed` inside, as it was outside: random draws that depend on
     `seed` only. Only the CPU's: torch.manual_seed would reseed every GPU's too, where the model's
-    dropout and drop path draw (and fork_rng(devices=[]) restores only the CPU's)."""
-    with torch.random.fork_rng(devices=[]):
+    dropout and drop path draw (and fork_rng(devices=[]) restores only the CPU's). One thread at a
+    time: another thread's cpu_draws waits (draws outside cpu_draws, such as a model's dropout on a
+    CPU device, are not ordered against it)."""
+    with _DRAWS, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
 

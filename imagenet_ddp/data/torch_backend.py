@@ -3,10 +3,12 @@
     build_loader(DataConfig(backend="torch", workers=8), "train", rank=rank, world_size=world_size, ...)
 
 Each worker reads its share of the rank's samples through the shards' DALI index files (one read
-per sample, no tar parsing), shuffles them in a buffer, decodes with torchvision.io.decode_jpeg
-(libjpeg-turbo, as DALI's CPU decoder) and crops to uint8. Normalization happens on the device. With data.decode_device=cuda (the default
-on a CUDA device) the workers only read the JPEG bytes and draw the crops, and the main process
-decodes each batch on the device (nvJPEG) and crops there: see gpu_decode.py.
+per sample, no tar parsing), shuffles them in a buffer, decodes with libjpeg-turbo (TorchCodec, or
+torchvision.io where it is missing: jpeg.py; DALI's CPU decoder is libjpeg-turbo too) and crops to
+uint8. Normalization happens on the device. With data.decode_device=cuda (the default on a CUDA
+device) the workers only read the JPEG bytes and draw the crops, and a thread of the training
+process decodes each batch on the device (nvJPEG) and crops there, a batch or two ahead: see
+gpu_decode.py.
 
 Why not webdataset's own pipeline: it splits ranks and workers by whole files, so with uneven
 files the ranks get unequal step counts, and with fewer files than ranks x workers some readers
@@ -18,17 +20,14 @@ from __future__ import annotations
 
 import io
 import random
-import re
-import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from imagenet_ddp.data import gpu_decode, plan
+from imagenet_ddp.data import gpu_decode, jpeg, plan
 from imagenet_ddp.data.augment import torch_policy
 from imagenet_ddp.data.base import Loader, shard_loader_fields
 from imagenet_ddp.data.presets import (
@@ -62,9 +61,6 @@ class ShardSamples(IterableDataset):
         self.policy = torch_policy(cfg) if train else None  # after the flip (augment.py)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | gpu_decode.Encoded]:
-        # torchvision 0.29 (the pinned version) deprecates its decoders for torchcodec and warns on
-        # every call; decode_jpeg is still the fastest decoder available here (about 20% ahead of PIL).
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning, "torchvision.io.image")
         info = get_worker_info()
         reader, readers = (info.id, info.num_workers) if info else (0, 1)
         b = self.cfg.batch_size
@@ -170,10 +166,9 @@ class ShardSamples(IterableDataset):
 def _decode(sample: Sample) -> torch.Tensor:
     data, _, where = sample
     try:
-        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return jpeg.decode(data)
     except RuntimeError as e:
-        reason = re.sub(r"^.*\.cpp:\d+, ", "", str(e).strip().splitlines()[0])  # drop the C++ location
-        raise UserError(f"{where}: cannot decode its JPEG ({reason})") from None
+        raise UserError(f"{where}: cannot decode its JPEG ({jpeg.reason(e)})") from None
 
 
 def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -244,12 +239,10 @@ class TorchLoader(Loader):
         size = train_size(self.cfg, self.epoch) if self.train else None
         batches = iter(self._loader)
         try:
-            for n, batch in enumerate(batches):
-                if self.decoder is not None and n < skip:
-                    yield torch.empty(0), batch.labels  # no bytes: iter_from drops it undecoded
-                elif self.decoder is not None:
-                    yield self.decoder(batch, size)
-                else:
+            if self.decoder is not None:  # skipped batches hold no bytes: iter_from drops them undecoded
+                yield from self.decoder.ahead(batches, size, skip)
+            else:
+                for batch in batches:
                     yield self._from_workers(batch)
         except UserError as e:
             # A worker's error arrives wrapped with its traceback; keep the one line meant for the user.
