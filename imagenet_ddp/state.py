@@ -138,7 +138,11 @@ class TrainState:
             for group in self.optimizer.param_groups:
                 group["fused"] = self.optimizer.defaults["fused"]
         ready_for_device_skips(self.optimizer)
-        self.scaler.load_state_dict(ckpt["scaler"])
+        # A saved scale means something only to fp16 from fp16. precision=auto differs between GPU
+        # generations (bf16 on an A100, fp16 on a V100): a bf16 or fp32 run saved a disabled scaler's
+        # empty state, and an fp16 run resuming from it starts with a fresh scaler.
+        if self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
         for k in _COUNTERS:
             setattr(self, k, ckpt[k])
         self.set_streak(ckpt["nonfinite_streak"])
