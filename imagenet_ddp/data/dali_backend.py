@@ -283,7 +283,7 @@ class DaliLoader(Loader):
             # NHWC memory seen as NCHW is channels_last already: no copy when that is what is asked.
             x = to_model_input(out.permute(0, 3, 1, 2), self.device, self.cfg.channels_last)
         try:
-            y = parse_ascii_labels(torch.from_numpy(np.array(labels.as_tensor())))
+            y = parse_ascii_labels(torch.as_tensor(np.array(labels.as_tensor())))
         except ValueError as e:
             raise UserError(f"{self.shards.dir}: {e}") from None
         if int(y.max()) >= self.num_classes:
