@@ -34,7 +34,7 @@ def parse_args(argv):
 
 def train(cfg, env, stop) -> int:
     from imagenet_ddp import checkpoint as ck
-    from imagenet_ddp.config import advice, dump_yaml, loader_config, resolve, to_dict
+    from imagenet_ddp.config import advice, dump_yaml, loader_config, resolve, run_changes, to_dict
     from imagenet_ddp.data import build_loader
     from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier
     from imagenet_ddp.engine import evaluate, train_one_epoch
@@ -59,6 +59,7 @@ def train(cfg, env, stop) -> int:
     variant = ("small_input", "zero_init_residual", "blurpool", "drop_path", "dropout")
     arch = architecture(m.name, train_loader.num_classes, **{key: getattr(m, key) for key in variant})
     model, ckpt = build_model(**arch), found[0] if found else None
+    changes: dict = {}
     # Weights to start from: before anything is written (a bad source is a one-line error), and
     # not when resuming (the checkpoint has the weights, and records where they came from).
     origin = init_from(model, m.name, m.init_from, train_loader.classes) if m.init_from and not ckpt else None
@@ -75,10 +76,22 @@ def train(cfg, env, stop) -> int:
                 f"{found[1]} was trained with optim.name={saved_optimizer}, not {cfg.optim.name}: its "
                 "optimizer state does not carry over; keep the optimizer or choose another run.dir"
             )
+        changes = run_changes(ckpt["config"], cfg)
+        # More epochs than done is training longer (recorded); fewer would disown epochs already run.
+        refused = {k: v for k, v in changes.items() if k != "train.epochs" or v[1] < ckpt["epoch"]}
+        if refused and not cfg.run.allow_changes:
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise UserError(
+                f"{found[1]} was trained with other settings ({listed}): choose another run.dir, or add "
+                "run.allow_changes=true to continue with them (recorded in config-changes.jsonl)"
+            )
         state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
     facts = run_facts(env.device, train_loader, val_loader, data.root) if env.is_main else None
     tracker = make_tracker(cfg, env.is_main, state.step, ckpt.get("wandb_run_id") if ckpt else None, facts)
-    tracker.write_config(dump_yaml(cfg))
+    tracker.write_config(dump_yaml(cfg), keep=ckpt is not None)
+    if ckpt is not None and changes:
+        tracker.record_changes(run_changes(ckpt["config"], cfg, derived=True), state.step, state.epoch)
+        tracker.info(f"continuing with changed settings ({', '.join(changes)}): see config-changes.jsonl")
     d = cfg.derived
     tracker.info(
         f"{m.name} on {data.root} ({data.backend}): {train_loader.num_classes} classes, "

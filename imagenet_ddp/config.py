@@ -126,6 +126,9 @@ class RunConfig:
     resume: bool = True  # continue from run.dir/last.pt when it exists
     timeout_s: int = 900  # collective timeout: a dead or hung rank ends the job instead of hanging it
     poll_every: int = 10  # steps between checks for a stop signal and for NaN/Inf streaks (each a host sync)
+    # Resume although settings that change the run (see config.run_changes) differ from its checkpoint's;
+    # the changes are appended to run.dir/config-changes.jsonl, config.yaml keeps the original.
+    allow_changes: bool = False
 
 
 @dataclass
@@ -538,6 +541,33 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
             f"optim.lr={o.lr} scaled to a global batch of {global_batch} is {derived.lr}: lower optim.lr"
         )
     return dataclasses.replace(cfg, derived=derived)
+
+
+# Settings that say where or how fast a run goes, not what it computes: a resume may change them.
+_RUNTIME_KEYS = {
+    "data": ("backend", "workers", "decode_device"),
+    "train": ("compile", "channels_last", "max_nonfinite_steps", "deterministic"),
+}
+_RUNTIME_PREFIXES = ("data.dali_",)
+
+
+def run_changes(saved: dict, cfg: Config, derived: bool = False) -> dict[str, tuple[Any, Any]]:
+    """{'section.key': (saved value, new value)} for each setting that changes what a run computes
+    (model, data, train, optim; not run, logging or where it runs) and differs from `saved`, a
+    checkpoint's config; `derived`: the derived values that differ too (for the record). Keys an
+    older checkpoint lacks are not compared."""
+    changes = {}
+    new = to_dict(cfg)
+    for section in ("model", "data", "train", "optim", *(("derived",) if derived else ())):
+        for key, old in (saved.get(section) or {}).items():
+            dotted = f"{section}.{key}"
+            if key in _RUNTIME_KEYS.get(section, ()) or dotted.startswith(_RUNTIME_PREFIXES):
+                continue
+            if dotted in ("derived.recipe", "derived.overrides"):
+                continue
+            if key in new[section] and new[section][key] != old:
+                changes[dotted] = (old, new[section][key])
+    return changes
 
 
 def recipe_name(recipe: str) -> str:

@@ -94,6 +94,26 @@ class Run:
         return total + max(0.0, self.hours - previous) * world
 
 
+# metrics.jsonl values that compare and list compute with: a line where one is not a number is skipped.
+_NUMERIC = ("step", "val_top1", "val_top5", "val_top1_ema", "val_top5_ema", "train_loss", "hours")
+
+
+def _changes(path: Path, notes: list[str]) -> dict:
+    """Settings changed on resume (train_ddp.py appends them to config-changes.jsonl): the newest
+    value of each, over config.yaml's original."""
+    newest: dict = {}
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines() if path.is_file() else []
+    except OSError:
+        lines = []
+    for number, line in enumerate(lines, 1):
+        try:
+            newest.update({k: v["to"] for k, v in json.loads(line)["changes"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            notes.append(f"{path}: line {number} is damaged: ignored")
+    return newest
+
+
 def read_run(folder: str | Path) -> Run:
     """A run folder, or UserError saying in one line why it is not one."""
     folder = Path(folder)
@@ -105,19 +125,28 @@ def read_run(folder: str | Path) -> Run:
     try:
         config = yaml.safe_load(config_path.read_text()) or {}
         flat = {f"{s}.{k}": v for s, values in config.items() for k, v in (values or {}).items()}
-    except (yaml.YAMLError, AttributeError, OSError) as e:
+    except (yaml.YAMLError, AttributeError, OSError, ValueError) as e:
         raise UserError(f"{config_path}: not a config written by train_ddp.py ({type(e).__name__})") from None
     notes, metrics = [], []
+    flat.update(_changes(folder / "config-changes.jsonl", notes))
     path = folder / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
+    try:  # a stray byte spoils one line, not the file
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines() if path.is_file() else []
+    except OSError as e:
+        lines, _ = [], notes.append(f"{path}: cannot read it ({e.strerror}): ignored")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            metrics.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line)
+            wrong = [k for k in _NUMERIC if k in record and not isinstance(record[k], int | float)]
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int) or wrong:
+                raise ValueError(f"{', '.join(wrong) or 'epoch'} is not a number")
+            metrics.append(record)
+        except (ValueError, TypeError, AttributeError) as e:
             where = "its last line is truncated" if number == len(lines) else f"line {number} is damaged"
-            notes.append(f"{path}: {where}: ignored")
+            reason = f" ({e})" if "not a number" in str(e) else ""
+            notes.append(f"{path}: {where}{reason}: ignored")
     derived = config.get("derived") or {}
     recipe = recipe_name(derived["recipe"]) if "recipe" in derived else "?"  # "?": written before it was kept
     name = (config.get("run") or {}).get("name") or folder.name
@@ -312,7 +341,13 @@ def list_runs(args) -> int:
         if (p.parent / "metrics.jsonl").exists() or (p.parent / "status.json").exists()
     )
     for folder in found:
-        run = read_run(folder)
+        try:
+            run = read_run(folder)
+        except UserError as e:
+            print(f"runs: warning: {e}: skipped", file=sys.stderr)
+            continue
+        for note in run.notes:
+            print(f"runs: warning: {note}", file=sys.stderr)
         done = run.metrics[-1]["epoch"] if run.metrics else 0
         best = run.best("val_top1")
         print(f"{folder}  {run.state}  epoch {done}/{run.epochs}  best top-1 {_cell(best, 'top-1')}")

@@ -43,7 +43,10 @@ class NullTracker:
     def info(self, message: str) -> None:
         pass
 
-    def write_config(self, text: str) -> None:
+    def write_config(self, text: str, keep: bool = False) -> None:
+        pass
+
+    def record_changes(self, changes: dict, step: int, epoch: int) -> None:
         pass
 
     def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
@@ -139,11 +142,25 @@ class Tracker(NullTracker):
         else:
             print(message, flush=True)
 
-    def write_config(self, text: str) -> None:
-        """The resolved config as run.dir/config.yaml (replaced atomically on each start)."""
+    def write_config(self, text: str, keep: bool = False) -> None:
+        """The resolved config as run.dir/config.yaml, atomically; `keep`: an existing one stays (a
+        resumed run keeps the record of how it started; changes go to config-changes.jsonl)."""
+        if keep and (self.dir / "config.yaml").exists():
+            return
         tmp = self.dir / ".config.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.dir / "config.yaml")
+
+    def record_changes(self, changes: dict, step: int, epoch: int) -> None:
+        """Append one line to run.dir/config-changes.jsonl: the settings a resume changed, and when."""
+        line = {
+            "time": round(time.time(), 3),
+            "step": step,
+            "epoch": epoch,
+            "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()},
+        }
+        with open(self.dir / "config-changes.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
         if self.tty:  # a bar redrawn in place is noise in a SLURM log file: lines at log_every there

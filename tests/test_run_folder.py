@@ -222,3 +222,46 @@ def test_non_finite_settings_are_refused_before_anything_is_written(shards, tmp_
     code, out, err = train(overrides(shards, run_dir, "optim.ref_batch_size=1", override))
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_resuming_under_other_settings_is_refused_unless_allowed_and_then_recorded(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(overrides(shards, run_dir))[0] == 0
+    finished = files(run_dir)
+    code, out, err = train(overrides(shards, run_dir))  # the same command again: nothing to do
+    assert code == 0, err
+    assert files(run_dir)["config.yaml"] == finished["config.yaml"]
+    before = files(run_dir)
+    for change, named in [
+        (["optim.lr=0.2"], "optim.lr 0.1 -> 0.2"),
+        (["train.batch_size=2"], "train.batch_size 4 -> 2"),
+        (
+            ["data.image_size=40", "train.label_smoothing=0"],
+            "data.image_size 32 -> 40, train.label_smoothing",
+        ),
+    ]:
+        code, out, err = train(overrides(shards, run_dir, *change))
+        assert code == 2 and err.count("\n") == 1, err
+        assert named in err and "run.allow_changes=true" in err, err
+        assert files(run_dir) == before  # config.yaml, status.json, metrics, checkpoints: as they were
+    # Where it runs is not what it computes: more loader workers resume without a word.
+    assert train(overrides(shards, run_dir, "data.workers=1"))[0] == 0
+    # Training longer is a change too, but not one that disowns what was run: recorded, no override.
+    code, out, err = train(overrides(shards, run_dir, "train.epochs=2"))
+    assert code == 0 and "continuing with changed settings (train.epochs)" in out, err
+    assert files(run_dir)["config.yaml"] == finished["config.yaml"]
+    [record] = [json.loads(line) for line in (run_dir / "config-changes.jsonl").read_text().splitlines()]
+    assert record["changes"]["train.epochs"] == {"from": 1, "to": 2} and record["epoch"] == 1
+    assert record["changes"]["derived.total_steps"] == {"from": 2, "to": 4}  # recomputed, recorded
+    epochs = [m["epoch"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == [1, 2]
+    # Fewer epochs than done: refused. The way out: allowed, the run goes on, the change appended.
+    before = files(run_dir)
+    code, out, err = train(overrides(shards, run_dir, "train.epochs=1", "optim.lr=0.05"))
+    assert code == 2 and "train.epochs 2 -> 1" in err and files(run_dir) == before, err
+    allowed = ("train.epochs=3", "optim.lr=0.05", "run.allow_changes=true")
+    code, out, err = train(overrides(shards, run_dir, *allowed))
+    assert code == 0 and "continuing with changed settings (train.epochs, optim.lr)" in out, err
+    assert files(run_dir)["config.yaml"] == finished["config.yaml"]
+    records = [json.loads(line) for line in (run_dir / "config-changes.jsonl").read_text().splitlines()]
+    assert records[-1]["changes"]["optim.lr"] == {"from": 0.1, "to": 0.05} and len(records) == 2
