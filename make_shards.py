@@ -87,13 +87,26 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_apart(src: Path, out: Path) -> None:
+    """UserError if the shards would land in the source (packing it again would read them as images)
+    or the source lies inside the output (a re-run's cleanup could reach it)."""
+    s, o = src.resolve(), out.resolve()
+    if o == s:
+        raise UserError(f"--out {out} is the source itself: give a folder outside --src")
+    if s in o.parents:
+        raise UserError(f"--out {out} is inside --src {src}: give a folder outside the source")
+    if o in s.parents:
+        raise UserError(f"--src {src} is inside --out {out}: give an --out outside the source")
+
+
 def pack(args) -> int:
     from imagenet_ddp.shards import PackOptions, pack_split
     from imagenet_ddp.sources import list_source
 
     splits = tuple(args.splits.split(",")) if args.splits else None
-    listing = list_source(args.command, args.src, splits)
     out = Path(args.out or f"shards/{args.command}")
+    check_apart(Path(args.src), out)
+    listing = list_source(args.command, args.src, splits)
     counts = ", ".join(f"{s} {len(f)}" for s, f in listing.splits.items())
     print(
         f"{listing.dataset} ({listing.layout} layout) in {listing.src}: {len(listing.classes)} classes, {counts} files"
@@ -106,6 +119,11 @@ def pack(args) -> int:
         if r.skipped:
             print(f"{split}: already complete in {r.out} ({r.num_samples} images, {r.num_rejected} rejected)")
             continue
+        if r.repaired:
+            shown = ", ".join(r.repaired[:3]) + (
+                f" and {len(r.repaired) - 3} more" if len(r.repaired) > 3 else ""
+            )
+            print(f"{split}: {len(r.repaired)} shard(s) were missing or damaged and are rebuilt: {shown}")
         rate = r.num_samples / max(r.seconds, 1e-9)
         print(
             f"{split}: {r.num_samples} images in {r.out}, {r.num_rejected} rejected"

@@ -23,6 +23,7 @@ import os
 import random
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class SplitResult:
     bytes: int
     seconds: float
     skipped: bool  # already complete from an earlier run
+    repaired: tuple[str, ...] = ()  # shards of a complete split found missing or damaged, rebuilt
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -148,6 +150,10 @@ def write_shard(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
                 rejected.append({"source": f.path, "wnid": f.wnid, "reason": str(e)})
                 progress(1)
                 continue
+            except OSError as e:  # e.g. no read permission on a shared filesystem: said, never skipped
+                rejected.append({"source": f.path, "wnid": f.wnid, "reason": f"{UNREADABLE}{e.strerror}"})
+                progress(1)
+                continue
             meta = {"wnid": f.wnid, "source": f.path, "width": img.width, "height": img.height}
             if img.converted:
                 meta["converted"] = img.converted
@@ -219,6 +225,30 @@ def _check_output(out: Path, listing: Listing, split: str, fingerprint: str) -> 
     return False
 
 
+UNREADABLE = "cannot read it: "
+
+
+def _check_classes_readable(files: list[SourceFile], split: str, shards: list[dict], out: Path) -> None:
+    """UserError if every file of a class could not be read (a whole class lost is not a rejection);
+    the shards holding unreadable files are forgotten, so a re-run after the fix reads them again."""
+    unreadable = [r for s in shards for r in s["rejected"] if r["reason"].startswith(UNREADABLE)]
+    if not unreadable:
+        return
+    listed = Counter(f.wnid for f in files)
+    failed = Counter(r["wnid"] for r in unreadable)
+    lost = sorted(w for w, n in failed.items() if n == listed[w])
+    if lost:
+        for s in shards:
+            if any(r["reason"].startswith(UNREADABLE) for r in s["rejected"]):
+                (out / ".parts" / f"{Path(s['file']).stem}.json").unlink(missing_ok=True)
+        example = next(r for r in unreadable if r["wnid"] == lost[0])
+        raise UserError(
+            f"{split}: none of the {listed[lost[0]]} files of class {lost[0]} can be read ({example['source']}: "
+            f"{example['reason'].removeprefix(UNREADABLE)}){f' (and {len(lost) - 1} more classes)' if len(lost) > 1 else ''}: "
+            "fix the permissions and run the same command again"
+        )
+
+
 def pack_split(
     listing: Listing, split: str, out_root: Path, opts: PackOptions, workers: int = 1
 ) -> SplitResult:
@@ -226,17 +256,27 @@ def pack_split(
     out = out_root / split
     start = time.time()
     fingerprint = _fingerprint(listing, split, opts)
+    plan = plan_shards(listing.splits[split], split, opts)
+    names = [f"{split}-{i:06d}" for i in range(len(plan))]
+    intact: dict[str, dict] = {}
+    repairing = False
     if _check_output(out, listing, split, fingerprint):
         manifest = json.loads((out / "manifest.json").read_text())
-        return SplitResult(split, out, manifest["num_samples"], manifest["num_rejected"], 0, 0.0, True)
+        damaged = damaged_shards(out, manifest, workers)
+        if not damaged:
+            return SplitResult(split, out, manifest["num_samples"], manifest["num_rejected"], 0, 0.0, True)
+        intact = _intact_records(out, manifest, dict(zip(names, plan, strict=True)), damaged)
+        repairing = True
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp-*"):
         tmp.unlink()  # left by an interrupted run
     header = {"dataset": listing.dataset, "split": split, "fingerprint": fingerprint, "options": asdict(opts)}
     atomic_write(out / ".parts" / "plan.json", _json_bytes(header))
-
-    plan = plan_shards(listing.splits[split], split, opts)
-    names = [f"{split}-{i:06d}" for i in range(len(plan))]
+    # A repair: the intact shards' records first, then the manifest goes (an interrupted repair is
+    # an unfinished run, finished by the same command); only the damaged shards are written again.
+    for name, record in intact.items():
+        atomic_write(out / ".parts" / f"{name}.json", _json_bytes(record))
+    (out / "manifest.json").unlink(missing_ok=True)
     records = {n: _done_record(out, n) for n in names}
     jobs = [
         {"out": str(out), "name": n, "opts": asdict(opts), "classes": listing.classes, "files": files}
@@ -246,6 +286,7 @@ def pack_split(
     for record in run_jobs(jobs, sum(len(j["files"]) for j in jobs), workers, desc=split):
         records[Path(record["file"]).stem] = record
     shards = [records[n] for n in names]
+    _check_classes_readable(listing.splits[split], split, shards, out)
     rejected = [(path, "", reason) for path, reason in listing.missing.get(split, [])]
     rejected += [(r["source"], r["wnid"], r["reason"]) for s in shards for r in s["rejected"]]
     rejected.sort()
@@ -271,7 +312,59 @@ def pack_split(
         part.unlink()
     (out / ".parts").rmdir()
     total = sum(s["bytes"] for s in shards)
-    return SplitResult(split, out, manifest["num_samples"], len(rejected), total, time.time() - start, False)
+    repaired = tuple(sorted(set(names) - set(intact))) if intact or repairing else ()
+    return SplitResult(
+        split, out, manifest["num_samples"], len(rejected), total, time.time() - start, False, repaired
+    )
+
+
+def damaged_shards(out: Path, manifest: dict, workers: int = 1) -> dict[str, str]:
+    """{shard name: what is wrong} for the shards of a complete split whose tar is missing, of
+    another size or sha256 than the manifest says, or whose index is missing. Sizes first (free),
+    then the hashes, `workers` files at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wrong, to_hash = {}, []
+    for entry in manifest["shards"]:
+        name, tar = Path(entry["file"]).stem, out / entry["file"]
+        try:
+            size = tar.stat().st_size
+        except OSError:
+            wrong[name] = "missing"
+            continue
+        if size != entry["bytes"]:
+            wrong[name] = f"{size} bytes, not {entry['bytes']}"
+        elif not (out / entry["index"]).is_file():
+            wrong[name] = f"its index {entry['index']} is missing"
+        else:
+            to_hash.append((name, tar, entry["sha256"]))
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib releases the GIL
+        for (name, _, expected), digest in zip(
+            to_hash, pool.map(lambda t: file_sha256(t[1]), to_hash), strict=True
+        ):
+            if digest != expected:
+                wrong[name] = "its sha256 differs from the manifest's"
+    return wrong
+
+
+def _intact_records(out: Path, manifest: dict, plan: dict[str, list], damaged: dict) -> dict[str, dict]:
+    """write_shard's records of the shards that are fine, rebuilt from the manifest and rejected.jsonl
+    (each rejection belongs to the shard whose planned files hold its source)."""
+    try:
+        lines = (out / "rejected.jsonl").read_text().splitlines()
+        rejected = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return {}  # no trustworthy record of the rejections: every shard is written again
+    records = {}
+    for entry in manifest["shards"]:
+        name = Path(entry["file"]).stem
+        if name in damaged or name not in plan:
+            continue
+        sources = {f.path for f in plan[name]}
+        mine = [r for r in rejected if r.get("wnid") and r["source"] in sources]
+        records[name] = {**{k: entry[k] for k in ("file", "index", "num_samples", "bytes", "sha256")}}
+        records[name]["rejected"] = mine
+    return records
 
 
 _counter = None

@@ -91,7 +91,13 @@ def list_source(dataset: str, src: str | Path, splits: tuple[str, ...] | None = 
         from imagenet_ddp.sources.folder import list_folder as lister
     else:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    listing = lister(src)
+    try:
+        listing = lister(src)
+    except OSError as e:  # a folder or annotation file that cannot be read: its images would be lost
+        raise UserError(
+            f"cannot read {e.filename or src}: {e.strerror or e}; its images would be lost: fix its "
+            "permissions (or remove it from the source)"
+        ) from None
     if splits is not None:
         unknown = [s for s in splits if s not in listing.splits]
         if unknown:

@@ -6,23 +6,40 @@ candidate: what is not a decodable image is rejected with its reason, never skip
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.sources import Listing, SourceFile, sample_key
 
 
-def _files(folder: Path) -> list[SourceFile]:
+def _files(folder: Path, unreadable: list[tuple[str, str]]) -> list[SourceFile]:
+    """The files below each class folder; a sub-folder or file that cannot be listed goes to
+    `unreadable` (path, reason); a class folder that cannot be listed at all is an OSError."""
     out = []
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for p in sorted(d.rglob("*")):
-            if p.is_file():
-                out.append(SourceFile(sample_key(p.name), d.name, str(p), p.stat().st_size, ("file", str(p))))
+        os.listdir(d)  # the class folder itself: unreadable, the whole class would be lost
+
+        def note(e: OSError) -> None:
+            unreadable.append((e.filename, f"cannot list this folder: {e.strerror}"))
+
+        for root, dirs, names in os.walk(d, onerror=note):
+            dirs.sort()
+            for name in sorted(names):
+                p = Path(root) / name
+                try:
+                    size = p.stat().st_size
+                except OSError as e:
+                    unreadable.append((str(p), f"cannot read it: {e.strerror}"))
+                    continue
+                if p.is_file():
+                    out.append(SourceFile(sample_key(p.name), d.name, str(p), size, ("file", str(p))))
     return out
 
 
 def list_folder(src: Path) -> Listing:
-    splits = {s: _files(src / s) for s in ("train", "val") if (src / s).is_dir()}
+    missing: dict[str, list[tuple[str, str]]] = {}
+    splits = {s: _files(src / s, missing.setdefault(s, [])) for s in ("train", "val") if (src / s).is_dir()}
     if not splits:
         raise UserError(f"no train/ or val/ folder in {src}: expected train/<class>/* and val/<class>/*")
     first = "train" if "train" in splits else "val"
@@ -31,4 +48,5 @@ def list_folder(src: Path) -> Listing:
         extra = sorted({p.name for p in (src / "val").iterdir() if p.is_dir()} - set(classes))
         if extra:
             raise UserError(f"{src / 'val' / extra[0]} is a class with no training folder")
-    return Listing("folder", "folder", str(src), classes, {c: c for c in classes}, splits)
+    missing = {s: sorted(found) for s, found in missing.items() if found}
+    return Listing("folder", "folder", str(src), classes, {c: c for c in classes}, splits, missing)

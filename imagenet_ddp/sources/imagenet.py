@@ -209,9 +209,15 @@ def _list_kaggle(root: Path) -> Listing:
             raise UserError(f"Kaggle layout in {root} lacks LOC_val_solution.csv (the validation labels)")
         labels = {}
         with open(solution, newline="") as f:
-            for row in csv.DictReader(f):
+            for number, row in enumerate(csv.DictReader(f), 2):
                 # PredictionString holds "wnid x0 y0 x1 y1" per box; every box of an image has its class.
-                labels[row["ImageId"]] = row["PredictionString"].split()[0]
+                try:
+                    labels[row["ImageId"]] = row["PredictionString"].split()[0]
+                except (KeyError, AttributeError, IndexError):
+                    raise UserError(
+                        f"{solution} line {number}: expected ImageId,PredictionString with a wnid first, "
+                        f"got {','.join(str(v) for v in row.values() if v is not None)[:80]!r}"
+                    ) from None
         files, missing["val"] = [], []
         for p in _images(data / "val"):
             wnid = labels.get(p.stem)
