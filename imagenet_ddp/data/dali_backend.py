@@ -118,7 +118,7 @@ class DaliLoader(Loader):
             crop_only=self.crop_only,
             crop_area=(self.cfg.crop_area_min, CROP_AREA[1]),
             augment=augment,
-            decoder_args=mixed_decoder_args(self.cfg) if cuda else {},
+            decoder_args=mixed_decoder_args(self.cfg, self.train) if cuda else {},
             enable_conditionals=augment != ("none",),  # auto_aug applies ops to samples by `if`
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),

@@ -20,18 +20,28 @@ from imagenet_ddp.data.augment import dali_policy
 from imagenet_ddp.data.presets import CROP_ASPECT
 
 
-def mixed_decoder_args(cfg) -> dict:
-    """What nvJPEG (`device="mixed"`) gets: the data.dali_* GPU settings (DataConfig documents each)."""
-    return {
+def mixed_decoder_args(cfg, train: bool) -> dict:
+    """What nvJPEG (`device="mixed"`) gets: the data.dali_* GPU settings (DataConfig documents each).
+
+    The buffers sized for ImageNet's largest image (nvJPEG's paddings, the hardware decoder's
+    preallocation) go to the train decoder only, as in NVIDIA's DALI ResNet-50 example: the val pass
+    runs while the next epoch's train pipeline is being built, and a second decoder per GPU holding
+    buffers for the largest image would keep that memory for a short pass whose few reallocations
+    cost little."""
+    args = {
         "hw_decoder_load": cfg.dali_hw_decoder_load,
-        "device_memory_padding": cfg.dali_device_memory_padding,
-        "host_memory_padding": cfg.dali_host_memory_padding,
-        "preallocate_width_hint": cfg.dali_preallocate_width_hint,
-        "preallocate_height_hint": cfg.dali_preallocate_height_hint,
         # libjpeg-turbo's (the CPU decoder's, and PIL's) chroma upsampling: GPU evaluation then decodes
         # like the CPU path and predict.py --evaluate.
         "jpeg_fancy_upsampling": True,
     }
+    if train:
+        args |= {
+            "device_memory_padding": cfg.dali_device_memory_padding,
+            "host_memory_padding": cfg.dali_host_memory_padding,
+            "preallocate_width_hint": cfg.dali_preallocate_width_hint,
+            "preallocate_height_hint": cfg.dali_preallocate_height_hint,
+        }
+    return args
 
 
 @pipeline_def
