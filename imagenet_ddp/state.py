@@ -73,6 +73,8 @@ class BufferGuard:
 
     def __init__(self, model: nn.Module):
         self.buffers = list(unwrap(model).buffers())
+        # One list per dtype: a multi-tensor op over mixed dtypes (float statistics, int64 counters)
+        # falls back on the GPU to a launch per tensor.
         by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for buffer in self.buffers:
             by_kind.setdefault((buffer.dtype, buffer.device), []).append(buffer)
