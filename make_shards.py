@@ -28,13 +28,19 @@ def _size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().removesuffix("B")
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
-    except ValueError:
+        value = int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r} (e.g. 500M, 1G)")
+    return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
@@ -157,6 +163,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("make_shards.py: interrupted; re-run the same command to finish", file=sys.stderr)
         return 130
+    except Exception:  # a bug or an environment problem: the traceback follows this line
+        what = f"verifying {', '.join(args.splits)}" if args.command == "verify" else f"packing {args.src}"
+        print(f"make_shards.py: unexpected error while {what} (traceback below)", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

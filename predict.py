@@ -79,6 +79,19 @@ def parse_args(argv):
         p.error("--evaluate, --export and --ema need --checkpoint")
     if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
         p.error("--topk and --batch-size must be at least 1, --workers at least 0")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port}: a port is 0-65535 (0: any free one)")
+    if not (args.max_upload_mb > 0 and args.max_megapixels > 0 and args.max_concurrent >= 1):
+        p.error("--max-upload-mb and --max-megapixels must be > 0, --max-concurrent at least 1")
+    if args.device != "auto":
+        import torch
+
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            p.error(f"--device {args.device}: not a device here; use auto, cpu, cuda or cuda:N")
     return args
 
 
@@ -217,6 +230,19 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug or an environment problem: the traceback follows this line
+        mode = (
+            "exporting"
+            if args.export
+            else "evaluating"
+            if args.evaluate
+            else "serving"
+            if args.serve
+            else "classifying"
+        )
+        source = args.checkpoint or args.model
+        print(f"predict.py: unexpected error while {mode} with {source} (traceback below)", file=sys.stderr)
+        raise
     except BrokenPipeError:  # `predict.py ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1

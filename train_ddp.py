@@ -245,6 +245,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("train_ddp.py: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug or an environment problem: the traceback follows this line
+        where = f"training in run.dir {cfg.run.dir}" if "cfg" in locals() else "reading the config"
+        print(f"{prefix} unexpected error while {where} (traceback below)", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

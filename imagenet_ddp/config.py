@@ -333,6 +333,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"--config {path} is not a YAML text file (a checkpoint? resume by run.dir instead)"
+            ) from None
         try:
             lines = _yaml_lines(text, source)
             data = yaml.safe_load(text) or {}

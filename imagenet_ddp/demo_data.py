@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
+
+from imagenet_ddp.errors import ArgumentParser
 
 SIZE = 32
 
@@ -54,11 +57,25 @@ def write_digits(out: str | Path, seed: int = 0, val_fraction: float = 0.2, test
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m imagenet_ddp.demo_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="data/digits")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    counts = write_digits(args.out, args.seed)
+    try:
+        counts = write_digits(args.out, args.seed)
+    except OSError as e:
+        print(f"{p.prog}: error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception:  # a bug: the traceback follows this line
+        print(
+            f"{p.prog}: unexpected error while writing digits to {args.out} (traceback below)",
+            file=sys.stderr,
+        )
+        raise
     print(f"digits: {', '.join(f'{n} {s}' for s, n in counts.items())} images in {args.out}")
     return 0
 

@@ -391,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(lang, ", ".join(f"{s} {n}" for s, n in counts.most_common()) + still)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug or a network library's surprise: the traceback follows this line
+        print(
+            f"{parser.prog}: unexpected error while running {args.command} (traceback below)", file=sys.stderr
+        )
+        raise
     return 0

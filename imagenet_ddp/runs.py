@@ -381,11 +381,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "compare" and args.out and Path(args.out).suffix.lower() not in (".html", ".png"):
         p.error("--out must end in .html or .png")
+    if args.command == "compare" and args.target is not None and not 0 < args.target <= 1:
+        p.error(f"--target {args.target}: a val top-1 is a fraction in (0, 1], e.g. 0.75")
     try:
         return compare(args) if args.command == "compare" else list_runs(args)
     except UserError as e:
         print(f"runs: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: the traceback follows this line
+        print(f"runs: unexpected error while running runs {args.command} (traceback below)", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
