@@ -62,6 +62,12 @@ SERVER_MAX_PIXELS = 50_000_000
 MAX_CONCURRENT = 4
 BUSY_WAIT_S = 30  # how long a request waits for a free slot before it is answered 503
 BODY_DEADLINE_S = 60  # the whole upload must arrive within this (a client trickling bytes holds a thread)
+# Connections the kernel queues before the server accepts them (http.server's default, 5, resets
+# the rest: a page opened by a class, a load test); Linux caps it at net.core.somaxconn (4096).
+BACKLOG = 1024
+# Connections served at once, a thread each (most wait for a prediction slot or read an upload);
+# beyond it new connections wait in the backlog instead of starting threads without bound.
+MAX_CONNECTIONS = 256
 
 
 def _megabytes(n: int) -> str:
@@ -259,13 +265,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog and a bound on the threads: every client is
+    answered (200, or 503 after BUSY_WAIT_S), none reset for want of a queue."""
+
+    daemon_threads = True
+    request_queue_size = BACKLOG
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        self._connections = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        self._connections.acquire()  # at the cap, the accept loop waits; clients wait in the backlog
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+
 def make_server(
-    clf: Classifier, host="127.0.0.1", port=8000, *, quiet=False, **settings
+    clf: Classifier,
+    host="127.0.0.1",
+    port=8000,
+    *,
+    quiet=False,
+    backlog=BACKLOG,
+    max_connections=MAX_CONNECTIONS,
+    **settings,
 ) -> ThreadingHTTPServer:
     """A server bound to (host, port) (port 0: any free one; see server.server_address), not yet serving."""
     app = App(clf, loopback_only=is_loopback(host), **settings)
     handler = type("BoundHandler", (Handler,), {"app": app})
-    server_class = type("Server", (ThreadingHTTPServer,), {"daemon_threads": True})
+    limits = {"request_queue_size": backlog, "max_connections": max_connections}
+    server_class = type("BoundServer", (Server,), limits)
     if ":" in host:
         import socket
 
