@@ -1,5 +1,6 @@
 """python -m imagenet_ddp.bench gpu: its refusal without a GPU, its CPU run for real (training fed by
-every loader, CPU decode, torchrun DDP over gloo, the checks), its JSON and table, and its budget.
+every loader, CPU decode, torchrun DDP over gloo, the checks and the sync audit), its JSON and table,
+its warm-up rule, its budget and the quick plan's schedule.
 
 python -m pytest tests/test_bench_gpu.py -q
 """
@@ -21,7 +22,10 @@ from imagenet_ddp.bench import gpu
 from imagenet_ddp.bench.gpu_report import ROW_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--device", "cpu", "--models", "resnet18", "--sizes", "32", "--batch-sizes", "4", "--images", "64"]
+# --hold 1: the loader rows skip what their loader holds prepared and time as many (the default, 11x
+# as many, is for figures; on this CPU it would take minutes).
+TINY = ["--device", "cpu", "--models", "resnet18", "--sizes", "16", "--batch-sizes", "4", "--images", "64"]
+TINY += ["--workers", "1", "--hold", "1"]
 REPORT_KEYS = {
     "device", "device_type", "torch", "torchvision", "cuda", "cudnn", "python", "cpu_cores", "budget_s",
     "elapsed_s", "settings", "shards", "checks", "rows", "goals", "markdown",
@@ -30,7 +34,7 @@ REPORT_KEYS = {
 
 def bench(*args: str, env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "imagenet_ddp.bench", "gpu", *args]
-    env = env or {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}  # more spin on a busy machine: steps 5-10x slower
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -67,39 +71,62 @@ def test_on_cpu_at_tiny_sizes_every_measurement_that_applies_runs_and_the_report
         assert isinstance(r["estimate_s"], float) and isinstance(r["wall_s"], float)
         assert r["peak_mem_gib"] is None  # GPU memory only
 
-    head = "train resnet18 32px b4 bf16 eager"
-    for feed in ("synthetic", "torch-device", "torch-workers"):
-        assert rows[f"{head} {feed}"]["status"] == "ok", rows[f"{head} {feed}"]
-        assert rows[f"{head} {feed}"]["steps"] == 2
-    for feed in ("torch-device", "torch-workers"):
-        assert rows[f"{head} {feed}"]["ratio_to"] == f"{head} synthetic"
+    head = "train resnet18 16px b4 bf16 eager"
+    synthetic = rows[f"{head} synthetic"]
+    assert synthetic["status"] == "ok" and synthetic["steps"] == 2
+    assert (synthetic["warmup_batches"], synthetic["prepared_ahead"], synthetic["passes"]) == (3, 0, 1)
+    # The warm-up rule: a loader row skips what its loader holds prepared (1 worker x prefetch 4, and
+    # the decode thread's queue of 2 + the batch in hand), then times at least --hold x as many.
+    for feed, ahead in (("torch-device", 7), ("torch-device ta_wide", 7), ("torch-workers", 4)):
+        r = rows[f"{head} {feed}"]
+        assert r["status"] == "ok" and r["ratio_to"] == f"{head} synthetic", r
+        assert r["prepared_ahead"] == r["warmup_batches"] == ahead, r
+        assert r["steps"] >= ahead > 2 and f"{r['steps']} timed steps after {ahead} skipped" in r["detail"]
+        assert r["auto_augment"] == ("ta_wide" if "ta_wide" in feed else "none")
     assert "CPU stand-in" in rows[f"{head} torch-device"]["detail"]
     dali = rows[f"{head} dali"]
     if importlib.util.find_spec("nvidia.dali"):
-        assert dali["status"] == "ok", dali
+        assert dali["status"] == "ok" and dali["warmup_batches"] == 3, dali  # prefetch queue 2, WARMUP 3
     else:
         assert dali["reason"] == "DALI is not installed here"
-    assert rows["train resnet18 32px b4 fp16 eager synthetic"]["reason"].startswith(
+    assert rows["train resnet18 16px b4 fp16 eager synthetic"]["reason"].startswith(
         "fp16 with GradScaler needs a GPU"
     )
     assert rows["decode nvjpeg b4"]["reason"] == "nvJPEG needs a CUDA device"
     assert rows["decode cpu b4"]["status"] == "ok" and "libjpeg-turbo" in rows["decode cpu b4"]["detail"]
-    ddp = rows["ddp resnet18 32px b4 bf16 eager synthetic"]  # torchrun, one process, gloo
+    # torchrun, one process, gloo: labelled as what it measures, the wrapper's overhead
+    ddp = rows["ddp overhead resnet18 16px b4 bf16 eager synthetic 1 process"]
     assert ddp["status"] == "ok" and "over gloo" in ddp["detail"] and ddp["ratio_to"] == f"{head} synthetic"
+    assert "the wrapper's overhead" in ddp["detail"] and "not scaling" in ddp["detail"]
 
     checks = report["checks"]
-    assert list(checks) == ["deterministic", "no_host_sync", "rng_state", "dali_mixed"]
+    assert list(checks) == ["sync_audit", "deterministic", "no_host_sync", "rng_state", "dali_mixed"]
+    assert checks["sync_audit"] == {
+        "status": "pass",
+        "detail": "torchvision_resnet50_v2.yaml (resnet18, 16 px, batch 4, random_erase 1.0, device decode),"
+        " 2 steps: no host sync (the CPU stand-in)",
+        "syncs": [],
+    }
     assert checks["deterministic"]["status"] == checks["rng_state"]["status"] == "pass"
     assert "{'resnet18': True, 'efficientnet_b0': True}" in checks["deterministic"]["detail"]
     assert checks["no_host_sync"]["status"] == checks["dali_mixed"]["status"] == "n/a"
-    assert [g["met"] for g in report["goals"]] == [None, None]  # judged on a GPU only
+    goals = report["goals"]
+    assert [(g["target"], g["met"]) for g in goals] == [(3000, None), (0.9, None), (0.8, None), (0, None)]
+    assert goals[3]["value"] == 0  # the audit found none, but the goal is judged on a GPU only
 
     table = report["markdown"]
     assert out.stdout.rstrip().endswith(table)
     assert "| model | px | batch | precision | compile | fed by | img/s | vs synthetic | peak GiB |" in table
-    assert "| resnet18 | 32 | 4 | bf16 | off | torch, CPU workers |" in table
-    assert "| resnet18 | 32 | 4 | bf16 | off | synthetic under DDP (1 process) |" in table
+    assert "| resnet18 | 16 | 4 | bf16 | off | torch, CPU workers |" in table
+    assert "| resnet18 | 16 | 4 | bf16 | off | torch, CPU stand-in decode + ta_wide |" in table
+    assert (
+        "| resnet18 | 16 | 4 | bf16 | off | synthetic, DDP on 1 process: wrapper overhead, not scaling |"
+        in table
+    )
+    assert "- loader rows: the clock starts after the batches the loader can hold prepared" in table
     assert "- skipped (2, reasons in gpu.json): decode nvjpeg b4 (nvJPEG needs a CUDA device)" in table
+    assert "- checks: sync_audit pass, deterministic pass" in table
+    assert "- goal: host syncs in the sync audit (the V2 recipe's step) == 0: 0, not judged" in table
 
 
 def test_what_does_not_fit_the_budget_is_skipped_with_its_reason(tmp_path):
@@ -123,3 +150,49 @@ def test_a_measurement_still_running_at_the_budget_end_or_its_own_cap_is_stopped
             while True:  # Python code: the alarm's handler runs between its bytecodes
                 pass
         assert 0.4 < time.monotonic() - start < 3
+
+
+def test_the_quick_plan_is_the_headline_and_its_estimate_fits_five_minutes_on_the_gpu(capsys):
+    """--plan quick: ResNet-50 224 px b256 bf16 (channels_last) fed by synthetic data, by device decode
+    and by device decode with ta_wide, then the sync audit; the budget logic's guesses for a CUDA
+    device (an H100 machine's 16 cores for the shards) put it well inside its 5 minutes."""
+    args = gpu._parse(["--plan", "quick"])
+    assert (args.minutes, args.compile, args.workers, args.hold) == (5.0, "off", 4, 11)
+    # enough JPEGs that one pass holds the warm-up (4 workers x 4 + 2 + 1) and 11x as many timed
+    assert args.images == 256 * 12 * 19
+    assert [item.id for item in gpu.plan(args)] == [
+        "train resnet50 224px b256 bf16 eager synthetic",
+        "train resnet50 224px b256 bf16 eager torch-device",
+        "train resnet50 224px b256 bf16 eager torch-device ta_wide",
+        "check sync_audit",
+    ]
+    assert gpu.main(["--plan", "quick", "--estimate", "--cores", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and not any("skipped" in line for line in lines), lines
+    total = float(lines[-1].split("~")[1].split(" s")[0])
+    assert 60 < total < 4 * 60, lines[-1]  # a minute to spare for imports and misjudged guesses
+
+
+def test_the_warm_up_counts_every_batch_a_loader_holds_prepared(tmp_path):
+    """What a loader can hold ready before the clock starts, read from the loader as built: the
+    DataLoader's workers x prefetch_factor, plus the device decoder's queue and the batch it is
+    finishing; nothing for synthetic data. A loader row times at least 11x that by default."""
+    from imagenet_ddp.bench import gpu_throughput as tp
+    from imagenet_ddp.data import DataConfig, build_loader
+    from imagenet_ddp.data.gpu_decode import PREFETCH
+    from tests.test_train import make_tiny_shards
+
+    shards = make_tiny_shards(tmp_path)
+    for decode_device, ahead in (("cuda", 2 * 4 + PREFETCH + 1), ("cpu", 2 * 4)):
+        cfg = DataConfig(root=str(shards), backend="torch", image_size=16, batch_size=4, workers=2,
+                         decode_device=decode_device)  # fmt: skip
+        with build_loader(cfg, "train") as loader:  # the workers start with a pass: none here
+            assert tp.prepared_ahead(loader) == ahead
+            assert tp.warmup_batches(tp.prepared_ahead(loader)) == ahead
+            assert (
+                tp.ahead_estimate(f"torch-{'device' if decode_device == 'cuda' else 'workers'}", 2) == ahead
+            )
+    with build_loader(DataConfig(root=str(shards), backend="synthetic", batch_size=4), "train") as loader:
+        assert tp.prepared_ahead(loader) == 0 and tp.warmup_batches(0) == tp.WARMUP
+    bench = tp.Throughput(gpu.torch.device("cpu"), gpu._parse(["--device", "cpu", "--steps", "5"]), tmp_path)
+    assert bench.timed_steps(0.1, skipped=15) == 11 * 15 and bench.timed_steps(0.1) == 5

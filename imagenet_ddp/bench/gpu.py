@@ -2,8 +2,18 @@
 peak memory, and the checks no CPU can make, all within a time budget.
 
     python -m imagenet_ddp.bench gpu [--minutes 8] [--out DIR]      # needs CUDA; exits 2 with one line without
+    python -m imagenet_ddp.bench gpu --plan quick --out DIR          # 5 minutes: the headline figures
+    python -m imagenet_ddp.bench gpu --plan quick --estimate         # its schedule and estimates; runs nothing
     python -m imagenet_ddp.bench gpu --device cpu --models resnet18 --sizes 32 --batch-sizes 4 --steps 2 \
         --images 64 --compile off --minutes 5                        # the same measurements where they apply
+
+--plan quick (5 minutes on one H100, ~2 of them estimated): ResNet-50 at 224 px, batch 256, bf16
+channels_last, eager, fed by synthetic data, then by the torch backend with device decode
+(data.decode_device=cuda, 4 workers: the project's data.workers) without and with
+data.auto_augment=ta_wide, each row with its peak memory; then the sync_audit check. Needs torch,
+torchvision and timm only (no DALI, TorchCodec, webdataset or W&B). Its goals lines say whether
+the targets were met: >= 3,000 img/s and >= 0.9 of synthetic fed by device decode, >= 0.8 of
+synthetic with ta_wide, no host sync in the audit.
 
 Measured (gpu_throughput.py says how), in this order of priority:
 - ResNet-50 and ResNet-18 train steps (bf16 autocast, channels_last) at --sizes and --batch-sizes,
@@ -12,7 +22,12 @@ Measured (gpu_throughput.py says how), in this order of priority:
 - nvJPEG batched decode (TorchCodec's decode_jpeg on CUDA, torchvision.io's where it is missing) against libjpeg-turbo on all cores;
 - fp16 steps with GradScaler; one DistributedDataParallel step under torchrun (nccl; gloo on CPU);
 - peak GPU memory of each (torch.cuda.max_memory_allocated);
-- the checks: deterministic (train.deterministic=true runs 3 steps of ResNet-18 and EfficientNet-B0
+- loader rows time at least 11x the batches their loader can hold prepared when the clock starts
+  (gpu_throughput.py: the warm-up rule); the DDP row is one process: the wrapper's overhead, not scaling;
+- the checks: sync_audit (bench/sync_audit.audit_recipe: the torchvision V2 recipe's loader next(),
+  batch augmentation and train_step at this run's first model, size and batch, fed by device decode
+  from the generated shards: no host sync, CUDA's sync debug mode on a GPU, the stand-in on a CPU);
+  deterministic (train.deterministic=true runs 3 steps of ResNet-18 and EfficientNet-B0
   twice from the same seed: bitwise equal weights, and the ops without a deterministic kernel);
   no_host_sync (bf16, fp16, fp32 steps and a NaN batch under set_sync_debug_mode("error")); rng_state
   (a checkpoint holds and restores this GPU's RNG state); dali_mixed (DALI's nvJPEG graphs, when
@@ -53,6 +68,8 @@ CAP_FACTOR, CAP_MIN_S = 4, 90  # a measurement is stopped after 4x its estimate 
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.estimate:
+        return estimate(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
             "bench gpu: no CUDA device here (torch sees none); use --device cpu for the CPU part",
@@ -75,7 +92,7 @@ def main(argv=None) -> int:
             write(out / "gpu.json", report)
         bench.free()
     compare(report["rows"])
-    report["goals"] = goals(report["rows"], device)
+    report["goals"] = goals(report["rows"], report["checks"], device)
     report["markdown"] = markdown(report)
     report["elapsed_s"] = round(budget.elapsed(), 1)
     write(out / "gpu.json", report)
@@ -91,30 +108,72 @@ def _parse(argv):
     def ints(text):
         return [int(t) for t in text.split(",") if t]
 
-    cores = len(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=list(PLANS), default="full", help="full (default) or quick")
+    p.add_argument("--estimate", action="store_true", help="print the plan's estimates only (no CUDA needed)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (what applies there)")
-    p.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget (default 8)")
+    p.add_argument("--minutes", type=float, help="the whole run's budget (full: 8, quick: 5)")
     p.add_argument("--out", default="runs/bench-gpu", help="folder for gpu.json")
-    p.add_argument("--models", type=names, default=["resnet50", "resnet18"], help="the first is the headline")
+    p.add_argument("--models", type=names, help="the first is the headline (full: resnet50,resnet18)")
+    p.add_argument("--sizes", type=ints, help="train crop sides; the first: headline (full: 224,176,160)")
     p.add_argument(
-        "--sizes", type=ints, default=[224, 176, 160], help="train crop sides; the first: headline"
+        "--batch-sizes", type=ints, help="per step; every model and size at the first (full: 256,128,512)"
     )
-    p.add_argument(
-        "--batch-sizes",
-        type=ints,
-        default=[256, 128, 512],
-        help="per step; every model and size at the first",
-    )
-    p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="torch.compile")
+    p.add_argument("--compile", choices=["both", "off", "on"], help="torch.compile (full: both, quick: off)")
     p.add_argument("--slice", type=float, default=3.0, help="seconds of timed steps per measurement")
     p.add_argument("--steps", type=int, default=0, help="timed steps per measurement instead of --slice")
-    p.add_argument("--images", type=int, default=10240, help="JPEGs generated for the loader feeds")
     p.add_argument(
-        "--workers", type=int, default=max(1, cores - 1), help="loader workers (default cores - 1)"
+        "--images",
+        type=int,
+        default=0,
+        help="JPEGs generated for the loader feeds (0: one pass holds the warm-up rule)",
+    )
+    p.add_argument("--workers", type=int, help="loader workers (full: cores - 1, quick: 4)")
+    p.add_argument(
+        "--hold",
+        type=int,
+        default=tp.HOLD,
+        help=f"loader rows time at least this many times the batches they skip (default {tp.HOLD}: < 10%%)",
     )
     p.add_argument("--check-size", type=int, default=64, help="image side of the checks' train steps")
-    return p.parse_args(argv)
+    p.add_argument("--cores", type=int, help="--estimate: the GPU machine's CPU cores (default: this one's)")
+    args = p.parse_args(argv)
+    for name, value in PLANS[args.plan].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value() if callable(value) else value)
+    if not args.images:
+        args.images = auto_images(args)
+    return args
+
+
+PLANS = {  # each plan's settings where the command line leaves them
+    "full": {
+        "minutes": 8.0,
+        "models": ["resnet50", "resnet18"],
+        "sizes": [224, 176, 160],
+        "batch_sizes": [256, 128, 512],
+        "compile": "both",
+        "workers": lambda: max(1, len(os.sched_getaffinity(0)) - 1),
+    },
+    # The device-decode path's workers only read JPEG bytes: the project's default data.workers
+    # keeps up, and the prefetched batches (the warm-up) stay few.
+    "quick": {
+        "minutes": 5.0,
+        "models": ["resnet50"],
+        "sizes": [224],
+        "batch_sizes": [256],
+        "compile": "off",
+        "workers": 4,
+    },
+}
+MAX_AUTO_IMAGES = 65536  # ~5 GB of JPEGs; past it a loader row's timed batches span passes
+
+
+def auto_images(args) -> int:
+    """JPEGs enough that one pass of the device-decode feed at the first batch size holds its
+    skipped batches and --hold times as many timed (no worker restart on the clock), within 64 Ki."""
+    skip = tp.warmup_batches(tp.ahead_estimate("torch-device", args.workers))
+    return min(MAX_AUTO_IMAGES, args.batch_sizes[0] * (args.hold + 1) * skip)
 
 
 @dataclass(frozen=True)
@@ -129,10 +188,19 @@ class Check:
 def plan(args) -> list:
     """Every measurement, the most wanted first: the budget drops from the end."""
     m, s, b = args.models[0], args.sizes[0], args.batch_sizes[0]
+    if args.plan == "quick":
+        first = args.compile == "on"
+        return [
+            tp.Train(m, s, b, compile=first),
+            tp.Train(m, s, b, compile=first, feed="torch-device"),
+            tp.Train(m, s, b, compile=first, feed="torch-device", auto_augment="ta_wide"),
+            Check("sync_audit"),
+        ]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     first, rest = compiles[0], compiles[1:]
     others = [(model, size) for model in args.models for size in args.sizes if (model, size) != (m, s)]
     items = [tp.Train(m, s, b, compile=first, feed=feed) for feed in tp.FEEDS]
+    items += [tp.Train(m, s, b, compile=first, feed="torch-device", auto_augment="ta_wide")]
     items += [tp.Decode("nvjpeg", b), tp.Decode("cpu", b), tp.Train(m, s, b, "fp16", first)]
     items += [tp.Ddp(m, s, b), *(Check(name) for name in CHECKS)]
     items += [tp.Train(m, s, b, compile=c, feed=f) for c in rest for f in ("synthetic", "torch-device")]
@@ -182,15 +250,49 @@ class Budget:
             signal.signal(signal.SIGALRM, previous)
 
 
-CHECK_COST = {"cuda": {"deterministic": 20, "no_host_sync": 15}, "cpu": {"deterministic": 45}}
+CHECK_COST = {  # seconds, guesses; the sync audit's shards are counted apart
+    "cuda": {"deterministic": 20, "no_host_sync": 15, "sync_audit": 30},
+    "cpu": {"deterministic": 45, "sync_audit": 15},
+}
+
+
+def estimate_of(item, bench: tp.Throughput) -> float:
+    if not isinstance(item, Check):
+        return bench.estimate(item)
+    shards = bench.prepare_estimate() if item.name == "sync_audit" else 0.0
+    return CHECK_COST[bench.device.type].get(item.name, 3) + shards
+
+
+def estimate(args) -> int:
+    """--estimate: the plan's items and what the budget logic expects each to take on --device,
+    from the Costs guesses (nothing runs, so nothing is learnt on the way); exit 0."""
+    device = torch.device(args.device)
+    bench = tp.Throughput(device, args, Path(tempfile.gettempdir()))
+    budget, total = args.minutes * 60 - RESERVE_S, 0.0
+    print(
+        f"bench gpu --plan {args.plan} on {device.type}: estimates from the guesses, before any measurement"
+    )
+    for item in plan(args):
+        why = None if isinstance(item, Check) else bench.not_here(item)
+        est = 0.0 if why else estimate_of(item, bench)
+        if why or total + est > budget:  # as _measure decides: skipped, and nothing spent
+            print(f"{item.id:<64} ~{est:5.0f} s  skipped: {why or 'does not fit what is left'}")
+            continue
+        bench.assume(item)
+        total += est
+        print(f"{item.id:<64} ~{est:5.0f} s  (total ~{total:4.0f} s)")
+    print(
+        f"total ~{total:.0f} s of {budget:.0f} s ({args.minutes:g} minutes less {RESERVE_S:.0f} s kept);"
+        f" the shards: {args.images} JPEGs on {bench.cores} cores"
+    )
+    return 0
 
 
 def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> dict | None:
     """Run `item` if it fits the budget: its row (None for a check, which goes into `checks`)."""
-    device = bench.device.type
-    est = CHECK_COST[device].get(item.name, 3) if isinstance(item, Check) else bench.estimate(item)
+    est = estimate_of(item, bench)
     left, start = budget.left(), time.monotonic()
-    status, reason, result = "ok", None, {}
+    status, reason, result, extra = "ok", None, {}, []
     if not isinstance(item, Check) and bench.not_here(item):
         status, reason = "skipped", bench.not_here(item)
     elif budget.spent:
@@ -202,7 +304,7 @@ def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> 
             with budget.deadline(cap=max(CAP_MIN_S, CAP_FACTOR * est)):
                 if isinstance(item, Check):
                     try:
-                        status, reason = CHECKS[item.name](bench.device, args.check_size)
+                        status, reason, *extra = CHECKS[item.name](bench, args)
                     finally:  # the deterministic check's settings would slow the measurements after it
                         torch.use_deterministic_algorithms(False)
                         torch.backends.cudnn.benchmark = True
@@ -227,8 +329,8 @@ def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> 
     wall = time.monotonic() - start
     if isinstance(item, Check):
         status = {"ok": "pass", "failed": "FAIL"}.get(status, status)
-        checks[item.name] = {"status": status, "detail": reason}
-        print(f"{item.id:<52} {status:<7} {reason}", flush=True)
+        checks[item.name] = {"status": status, "detail": reason, **(extra[0] if extra else {})}
+        print(f"{item.id:<64} {status:<7} {reason}", flush=True)
         return None
     row = dict.fromkeys(ROW_KEYS)
     row.update({k: v for k, v in vars(item).items() if k in ROW_KEYS})
@@ -238,7 +340,7 @@ def _measure(item, bench: tp.Throughput, budget: Budget, args, checks: dict) -> 
         row.update(precision="bf16", compile=False)
     rate = f"{row['img_per_s']:,.0f} img/s" if row["img_per_s"] is not None else ""
     note = row["reason"] or row["detail"] or ""
-    print(f"{item.id:<52} {status:<7} {rate:>13}  {wall:4.0f} s (est. {est:.0f})  {note}", flush=True)
+    print(f"{item.id:<64} {status:<7} {rate:>13}  {wall:4.0f} s (est. {est:.0f})  {note}", flush=True)
     return row
 
 
@@ -267,7 +369,8 @@ def _batches(device: torch.device, size: int, count: int) -> list[tuple[torch.Te
     ]
 
 
-def check_deterministic(device, size):
+def check_deterministic(bench, args):
+    device, size = bench.device, args.check_size
     from imagenet_ddp.checkpoint import weights_digest
     from imagenet_ddp.engine import train_step
 
@@ -295,7 +398,8 @@ def check_deterministic(device, size):
     return ("pass" if same else "FAIL"), detail
 
 
-def check_no_host_sync(device, size):
+def check_no_host_sync(bench, args):
+    device, size = bench.device, args.check_size
     if device.type != "cuda":
         return "n/a", "host syncs exist on CUDA only (tests/test_train.py counts Python-side reads on CPU)"
     from imagenet_ddp.engine import train_step
@@ -318,7 +422,8 @@ def check_no_host_sync(device, size):
     return "pass", "train_step in bf16, fp16 (GradScaler) and fp32, a NaN batch skipped: no host sync"
 
 
-def check_rng_state(device, size):
+def check_rng_state(bench, args):
+    device = bench.device
     from imagenet_ddp.checkpoint import rng_state, set_rng_state
 
     state = rng_state(device)
@@ -332,7 +437,8 @@ def check_rng_state(device, size):
     return ("pass" if ok else "FAIL"), "one device's state saved and restored"
 
 
-def check_dali_mixed(device, size):
+def check_dali_mixed(bench, args):
+    device, size = bench.device, args.check_size
     if device.type != "cuda":
         return "n/a", "nvJPEG needs a GPU (tests/test_loaders.py checks the hints against DALI's schema)"
     try:
@@ -360,7 +466,46 @@ def check_dali_mixed(device, size):
     return "pass", f"train and val batches from nvJPEG: {shapes}"
 
 
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "torchvision_resnet50_v2.yaml"
+
+
+def check_sync_audit(bench, args):
+    """sync_audit.audit_recipe on the torchvision V2 recipe (TrivialAugmentWide, random erasing,
+    MixUp/CutMix, label smoothing, EMA, channels_last) at this run's first model, size and batch,
+    fed by the torch backend's device decode from the generated shards: pass with no host sync in
+    the training thread from the loader's next() to the optimizer step; the syncs listed if any."""
+    from imagenet_ddp.bench.sync_audit import audit_recipe
+
+    if not RECIPE.is_file():
+        return "FAIL", f"{RECIPE} is missing (run from a checkout of the repository)", {"syncs": None}
+    shards = bench.prepare()
+    bench.free()  # the recipe builds its own model
+    size, batch, model = args.sizes[0], args.batch_sizes[0], args.models[0]
+    overrides = [
+        f"data.root={shards}",
+        "data.backend=torch",
+        "data.decode_device=cuda",  # nvJPEG on a GPU, its CPU stand-in here
+        "data.workers=2",
+        f"data.image_size={size}",
+        f"data.eval_size={size}",
+        f"data.eval_resize_size={size}",
+        "data.random_erase=1.0",  # every image erased: each audited step runs the erasing code
+        f"train.batch_size={batch}",
+        f"model.name={model}",
+    ]
+    steps = 2
+    syncs = audit_recipe(str(RECIPE), overrides, bench.device, steps)
+    how = "CUDA's sync debug mode" if bench.device.type == "cuda" else "the CPU stand-in"
+    what = (
+        f"{RECIPE.name} ({model}, {size} px, batch {batch}, random_erase 1.0, device decode), {steps} steps"
+    )
+    if not syncs:
+        return "pass", f"{what}: no host sync ({how})", {"syncs": []}
+    return "FAIL", f"{what}: {len(syncs)} host sync(s) ({how}): " + "; ".join(syncs), {"syncs": syncs}
+
+
 CHECKS = {
+    "sync_audit": check_sync_audit,
     "deterministic": check_deterministic,
     "no_host_sync": check_no_host_sync,
     "rng_state": check_rng_state,

@@ -1,11 +1,13 @@
-"""The ddp row of `python -m imagenet_ddp.bench gpu`: one torchrun worker's DistributedDataParallel steps.
+"""The DDP overhead row of `python -m imagenet_ddp.bench gpu`: one torchrun worker's DistributedDataParallel
+steps.
 
     python -m torch.distributed.run --standalone --nproc_per_node=1 -m imagenet_ddp.bench.gpu_ddp \
         --device cuda --model resnet50 --size 224 --batch-size 256 --steps 20 --out ddp.json
 
-nccl on CUDA, gloo on CPU. One process is enough to run the whole NCCL path (the process group, DDP's
-gradient buckets all-reduced in the backward); its images/s against the same step without DDP is
-the wrapper's own cost. The result goes to --out as one JSON object.
+nccl on CUDA, gloo on CPU. One process runs the whole NCCL path (the process group, DDP's gradient
+buckets all-reduced in the backward), but its all-reduce has no peer and moves nothing: its images/s
+against the same step without DDP is the wrapper's own overhead, not scaling (which needs two GPUs
+or more). The result goes to --out as one JSON object.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ def main(argv=None) -> int:
         )
         with build_loader(cfg, "train", device=device) as loader:
             reset_peak(device)
-            measured = train_rate(state, loader, device, WARMUP, lambda s: args.steps, 0.0)
+            measured = train_rate(state, loader, device, WARMUP, lambda s: args.steps)
         result = {
             "backend": dist.get_backend(),
             "world_size": dist.get_world_size(),
             "nccl": _nccl_version() if backend == "nccl" else None,
             "img_per_s": round(measured["images"] / measured["timed_s"], 1),
             "steps": measured["steps"],
+            "warmup_batches": WARMUP,  # synthetic data: nothing prepared ahead
+            "passes": measured["passes"],
             "peak_mem_gib": peak(device),
         }
         Path(args.out).write_text(json.dumps(result))

@@ -9,10 +9,20 @@ label smoothing, the one AMP path, channels_last, torch.compile), fed four ways:
   decodes the batch with nvJPEG and crops on the GPU (on a CPU device: the CPU stand-in);
 - torch, worker decode (data.decode_device=cpu): libjpeg-turbo in the DataLoader workers;
 - dali: the dali backend ("mixed" nvJPEG on a GPU), when DALI can be imported.
-The real feeds read shards written here first: JPEGs from imagenet_ddp.synth (500x375, quality 90,
-~75 KB: an ImageNet photo's weight) packed by shards.pack_split. Each loader pass skips its first
-WARMUP batches (worker start-up, pipeline fill) before the clock starts: a 1.28M-image epoch pays
-that once per 5,000 steps, these short passes would pay it every few seconds.
+The torch feed with device decode also runs with data.auto_augment=ta_wide (TrivialAugmentWide in
+the decode thread). The real feeds read shards written here first: JPEGs from imagenet_ddp.synth
+(500x375, quality 90, ~75 KB: an ImageNet photo's weight) packed by shards.pack_split.
+
+When the clock starts (the warm-up rule): a real loader prepares batches ahead of the training, up
+to `prepared_ahead` of them (the DataLoader's workers x prefetch_factor, the device decoder's queue
+of gpu_decode.PREFETCH and the batch it is finishing, DALI's prefetch queue). Those are made before
+the clock starts, so a short timed stretch would read up to (timed + ahead) / timed of the steady
+rate. So a loader row skips W = max(WARMUP, ahead) batches (worker start-up, pipeline fill), then
+times at least --hold x W batches (HOLD = 11 by default): what was ready when the clock started is
+under 10% of the timed work (the tests lower --hold to keep CPU runs short; the report says it). The timed batches run on across passes where one pass is too short (--images): each new
+pass's start-up (fresh workers) is then inside the clock, which costs a little, never flatters.
+Synthetic rows skip WARMUP steps (first-call allocations, cuDNN's choice of kernels). Each row's
+JSON says `warmup_batches` (W), `prepared_ahead`, `steps` (the timed batches) and `passes`.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ import torch
 from imagenet_ddp.bench.gpu_jpegs import IMAGE, cores, decode_cpu, decode_nvjpeg, sync, write_shards
 from imagenet_ddp.data import jpeg
 
-WARMUP = 3  # steps (batches of each loader pass) before the clock starts
+WARMUP = 3  # steps before the clock starts, at least (first-call set-up, cuDNN's kernel choice)
+HOLD = 11  # --hold's default: a loader row times >= HOLD x its skipped batches, those held ready < 10% of it
+TORCH_PREFETCH_FACTOR = 4  # the torch backend's DataLoader(prefetch_factor=...): for estimates only
 MIN_STEPS, MAX_STEPS = 5, 400  # timed steps of a measurement without --steps
 GFLOPS = {"resnet18": 1.8, "resnet34": 3.7, "resnet50": 4.1, "resnet101": 7.8}  # per 224 px image, forward
 FEEDS = ("synthetic", "torch-device", "torch-workers", "dali")
@@ -47,6 +59,7 @@ class Train:
     precision: str = "bf16"
     compile: bool = False
     feed: str = "synthetic"
+    auto_augment: str = "none"  # data.auto_augment of a real feed
 
     @property
     def state_key(self) -> tuple:
@@ -55,7 +68,10 @@ class Train:
     @property
     def id(self) -> str:
         how = "compiled" if self.compile else "eager"
-        return f"train {self.model} {self.size}px b{self.batch_size} {self.precision} {how} {self.feed}"
+        policy = "" if self.auto_augment == "none" else f" {self.auto_augment}"
+        return (
+            f"train {self.model} {self.size}px b{self.batch_size} {self.precision} {how} {self.feed}{policy}"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,13 +86,16 @@ class Decode:
 
 @dataclass(frozen=True)
 class Ddp:
+    """DistributedDataParallel on one process: the wrapper's own cost (its hooks and gradient buckets,
+    an all-reduce with no peer), not scaling, which needs two GPUs or more."""
+
     model: str
     size: int
     batch_size: int
 
     @property
     def id(self) -> str:
-        return f"ddp {self.model} {self.size}px b{self.batch_size} bf16 eager synthetic"
+        return f"ddp overhead {self.model} {self.size}px b{self.batch_size} bf16 eager synthetic 1 process"
 
 
 class Costs:
@@ -91,7 +110,7 @@ class Costs:
         self.setup = 4.0 if gpu else 2.0  # model build, move and the first (cuDNN-tuning) step
         self.compile: dict[str, float] = {}  # model: seconds of its first compiled step, the worst seen
         self.compile_default = 60.0  # GPU machine: ~1 min per model and size; this CPU: 26-39 s (ResNet-18)
-        self.loader_start = 4.0 if gpu else 3.0  # a real loader's first WARMUP batches
+        self.loader_start = 4.0 if gpu else 3.0  # a real loader's start-up, before its first batch
         self.ddp_start = 25.0 if gpu else 20.0  # torchrun, imports, process group, DDP, first steps
 
     def step(self, model: str, size: int, batch_size: int) -> float:
@@ -113,36 +132,53 @@ class Throughput:
     def __init__(self, device: torch.device, opts, tmp: Path):
         self.device, self.opts, self.tmp = device, opts, tmp
         self.costs = Costs(device)
+        self.cores = getattr(opts, "cores", None) or cores()  # generating the shards (--estimate: assumed)
         self.shards: Path | None = None
         self.jpegs: list[bytes] = []  # some of the generated files, for the decode rows
         self.shards_info: dict = {}
         self._key, self._state = None, None
+        self._shards_assumed = False
 
     # -- estimates ----------------------------------------------------------------------------------
-    def timed_steps(self, step_s: float) -> int:
-        if self.opts.steps:
-            return self.opts.steps
-        return int(min(MAX_STEPS, max(MIN_STEPS, self.opts.slice / step_s)))
+    def timed_steps(self, step_s: float, skipped: int = 0) -> int:
+        """--steps, or the steps of --slice seconds; a loader row's at least --hold x its `skipped`."""
+        steps = self.opts.steps or int(min(MAX_STEPS, max(MIN_STEPS, self.opts.slice / step_s)))
+        return max(steps, self.opts.hold * skipped)
 
     def estimate(self, item) -> float:
         c = self.costs
         if isinstance(item, Decode):
-            return self._prepare_estimate() + 2 + self.opts.slice
+            return self.prepare_estimate() + 2 + self.opts.slice
         if isinstance(item, Ddp):
             step = c.step(item.model, item.size, item.batch_size)
             return c.ddp_start + (WARMUP + self.timed_steps(step)) * step
         step = c.step(item.model, item.size, item.batch_size)
-        seconds = (WARMUP + self.timed_steps(step)) * step
+        skip = warmup_batches(ahead_estimate(item.feed, self.opts.workers))
+        seconds = (skip + self.timed_steps(step, skip if item.feed != "synthetic" else 0)) * step
         if item.state_key != self._key:
             seconds += c.setup + (c.compile_s(item.model) if item.compile else 0)
         if item.feed != "synthetic":
-            seconds += c.loader_start + self._prepare_estimate()
+            seconds += c.loader_start + self.prepare_estimate()
         return seconds
 
-    def _prepare_estimate(self) -> float:
-        if self.shards is not None or self.shards_info.get("error"):
+    def prepare_estimate(self) -> float:
+        if self.shards is not None or self._shards_assumed or self.shards_info.get("error"):
             return 0.0
-        return 2 + self.opts.images * 0.006 / cores()  # ~4 ms to draw and encode, ~2 ms to pack
+        return 2 + self.opts.images * 0.006 / self.cores  # ~4 ms to draw and encode, ~2 ms to pack
+
+    def assume(self, item) -> None:
+        """For an estimate of a whole plan without running it: what running `item` leaves behind
+        (its model's state, the shards), so that the next items' estimates count them once."""
+        if isinstance(item, Train):
+            self._key = item.state_key  # no state: an estimating Throughput never runs
+        elif isinstance(item, Ddp) or getattr(item, "name", None) == "sync_audit":
+            self._key = None  # each frees the state for its own model
+        if (
+            getattr(item, "feed", "synthetic") != "synthetic"
+            or isinstance(item, Decode)
+            or (getattr(item, "name", None) == "sync_audit")
+        ):
+            self._shards_assumed = True
 
     # -- measurements -------------------------------------------------------------------------------
     def not_here(self, item) -> str | None:
@@ -176,28 +212,38 @@ class Throughput:
         start = time.perf_counter()
         state = self._state_for(t)
         loader = self._loader(t)
+        ahead = prepared_ahead(loader)
+        skip = warmup_batches(ahead)
         try:
-            measured = train_rate(state, loader, self.device, WARMUP, self.timed_steps, self.opts.slice)
+            steps_for = lambda step_s: self.timed_steps(step_s, skip if ahead else 0)  # noqa: E731
+            measured = train_rate(state, loader, self.device, skip, steps_for)
         finally:
             loader.close()
+        before_clock = measured["first_s"] - skip * measured["step_s"]  # start-up, compile or cuDNN set-up
         if t.feed == "synthetic":
             self.costs.saw_step(t, measured["step_s"])
         else:
-            self.costs.loader_start = max(self.costs.loader_start, measured["first_s"])
+            self.costs.loader_start = max(self.costs.loader_start, before_clock)
         compile_s = None
         if new:
-            extra = measured["first_s"] - WARMUP * measured["step_s"]
             if t.compile:
-                compile_s = round(max(0.0, extra), 1)
+                compile_s = round(max(0.0, before_clock), 1)
                 self.costs.compile[t.model] = max(self.costs.compile.get(t.model, 0.0), compile_s)
             else:
                 self.costs.setup = max(self.costs.setup, time.perf_counter() - start - measured["timed_s"])
-        detail = f"{measured['steps']} timed steps over {measured['passes']} loader pass(es)"
+        detail = (
+            f"{measured['steps']} timed steps after {skip} skipped, over {measured['passes']} loader pass(es)"
+        )
+        if ahead:
+            detail += f" (the loader holds up to {ahead} batches prepared: {ahead_words(loader)})"
         if t.feed == "torch-device":
             detail += "; nvJPEG" if self.device.type == "cuda" else "; CPU stand-in for nvJPEG"
         return {
             "img_per_s": round(measured["images"] / measured["timed_s"], 1),
             "steps": measured["steps"],
+            "warmup_batches": skip,
+            "prepared_ahead": ahead,
+            "passes": measured["passes"],
             "compile_s": compile_s,
             "peak_mem_gib": peak(self.device),
             "detail": detail,
@@ -228,6 +274,7 @@ class Throughput:
             channels_last=True,
             shuffle_buffer=256,
             decode_device="cuda" if t.feed == "torch-device" else "cpu",
+            auto_augment=t.auto_augment,
         )
         return build_loader(cfg, "train", device=self.device)
 
@@ -298,9 +345,13 @@ class Throughput:
         return {
             "img_per_s": result["img_per_s"],
             "steps": result["steps"],
+            "warmup_batches": result["warmup_batches"],
+            "prepared_ahead": 0,
+            "passes": result["passes"],
             "peak_mem_gib": result["peak_mem_gib"],
             "detail": f"torchrun, 1 process, DistributedDataParallel over {result['backend']}"
-            + (f" (NCCL {result['nccl']})" if result.get("nccl") else ""),
+            + (f" (NCCL {result['nccl']})" if result.get("nccl") else "")
+            + ": the wrapper's overhead (an all-reduce with no peer), not scaling (2+ GPUs)",
             "feed": "synthetic",
         }
 
@@ -326,39 +377,39 @@ def build_state(t: Train, device: torch.device):
     return make_state(build_model(t.model, num_classes=1000), cfg, env)
 
 
-def train_rate(state, loader, device, warmup: int, steps_for, slice_s: float) -> dict:
-    """Train steps fed by `loader` until the timed steps are done; each pass's first `warmup` batches
-    are not timed. Returns images and seconds timed, the steps, and the first pass's warm-up time."""
+def train_rate(state, loader, device, skip: int, steps_for) -> dict:
+    """Train steps fed by `loader`: `skip` batches untimed, then the clock runs (across passes where
+    one is too short) until steps_for(seconds per step, from the first two timed) steps are done.
+    Returns images and seconds timed, the steps, the passes and the time until the clock started."""
     from imagenet_ddp.engine import train_step
 
-    images = steps = passes = 0
-    timed = first = 0.0
-    target, epoch, step_s = None, 0, None
+    images = steps = passes = seen = 0
+    t0 = first = target = None
     start = time.perf_counter()
-    while target is None or steps < target:
-        if len(loader) <= warmup:
-            raise RuntimeError(f"a pass has {len(loader)} batches, not more than the {warmup} of warm-up")
-        loader.set_epoch(epoch)
-        passes, epoch = passes + 1, epoch + 1
-        for i, (x, y) in enumerate(loader):
-            if i == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-                if passes == 1:
-                    first = t0 - start
+    while True:
+        loader.set_epoch(passes)
+        passes += 1
+        for x, y in loader:
             train_step(state, [(x, y)])
-            if i < warmup:
+            seen += 1
+            if t0 is None:
+                if seen == skip:  # the next batch is fetched on the clock
+                    sync(device)
+                    t0 = time.perf_counter()
+                    first = t0 - start
                 continue
             steps, images = steps + 1, images + len(y)
-            if target is None and steps == 2:  # one step timed (synced): how many fit the slice
+            if target is None and steps == 2:  # two steps timed (synced): how many to time
                 sync(device)
-                step_s = (time.perf_counter() - t0) / 2
-                target = max(2, steps_for(step_s))
+                target = max(2, steps_for((time.perf_counter() - t0) / 2))
             if target is not None and steps >= target:
                 break
-        sync(device)
-        timed += time.perf_counter() - t0
-        loader.end_pass()
+        if target is not None and steps >= target:
+            break
+        loader.end_pass()  # on the clock once it runs: a new pass's start-up is the loader's cost
+    sync(device)
+    timed = time.perf_counter() - t0
+    loader.end_pass()
     return {
         "images": images,
         "timed_s": timed,
@@ -367,6 +418,50 @@ def train_rate(state, loader, device, warmup: int, steps_for, slice_s: float) ->
         "first_s": first,
         "step_s": timed / steps,
     }
+
+
+def prepared_ahead(loader) -> int:
+    """Batches `loader` can hold prepared before the training asks for them: the torch backend's
+    DataLoader workers x prefetch_factor (+ the device decoder's queue and the batch it finishes),
+    DALI's prefetch queue; 0 for synthetic data (one batch, reused)."""
+    cfg = getattr(loader, "cfg", None)
+    if cfg is None or cfg.backend == "synthetic":
+        return 0
+    if cfg.backend == "dali":
+        return cfg.dali_prefetch_queue_depth
+    workers, factor, queued = _torch_ahead(loader)
+    return workers * factor + queued
+
+
+def _torch_ahead(loader) -> tuple[int, int, int]:
+    data = loader._loader  # the DataLoader: what it was built with, not a copy of the numbers
+    decoder = getattr(loader, "decoder", None)
+    queued = decoder.prefetch + 1 if decoder is not None and decoder.prefetch else 0
+    return data.num_workers, data.prefetch_factor or 0, queued
+
+
+def ahead_words(loader) -> str:
+    if loader.cfg.backend == "dali":
+        return "DALI's prefetch queue"
+    workers, factor, queued = _torch_ahead(loader)
+    words = f"{workers} worker{'s' if workers != 1 else ''} x prefetch {factor}"
+    return words + (f" + the decode thread's queue of {queued - 1} and 1 in hand" if queued else "")
+
+
+def ahead_estimate(feed: str, workers: int) -> int:
+    """prepared_ahead of a feed's loader, before it is built (for the budget)."""
+    from imagenet_ddp.data.gpu_decode import PREFETCH
+
+    if feed == "synthetic":
+        return 0
+    if feed == "dali":
+        return 2  # data.dali_prefetch_queue_depth's default
+    return workers * TORCH_PREFETCH_FACTOR + (PREFETCH + 1 if feed == "torch-device" else 0)
+
+
+def warmup_batches(ahead: int) -> int:
+    """Batches skipped before the clock starts."""
+    return max(WARMUP, ahead)
 
 
 def reset_peak(device: torch.device) -> None:
