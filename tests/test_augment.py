@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.transforms import v2
 
 from imagenet_ddp.data import DataConfig, build_loader, jpeg
-from imagenet_ddp.data.augment import NUM_BINS, round_bin, settings, torch_policy
+from imagenet_ddp.data.augment import NUM_BINS, dali_suite, round_bin, settings, torch_policy
 from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
 
@@ -222,6 +222,150 @@ def test_dali_and_torch_policies_agree_in_distribution(crops, policy):
         )
     for stats in (t, d):  # visibly: on average over a third of the pixels move by more than 2 levels
         assert stats["changed"].mean() > 0.33
+
+
+# Mean absolute difference (levels) allowed between DALI's op and torchvision's at the same magnitude:
+# blends round on DALI and truncate on torchvision (a level at most: 1.0, the default), PIL's and DALI's bilinear warps
+# differ at the edges (a few pixels by a lot), Equalize's lookup tables by a level or two.
+OP_TOLERANCE = {"ShearX": 2.0, "ShearY": 2.0, "Rotate": 2.5, "Equalize": 4.0}
+
+
+def torchvision_op(
+    transform: v2.Transform, name: str, images: torch.Tensor, magnitude: float
+) -> torch.Tensor:
+    """torchvision's own op `name` of `transform` at `magnitude`, on PIL images (as its policies run)."""
+    out = [
+        on_pil(
+            lambda pil: transform._apply_image_or_video_transform(
+                pil, name, magnitude, BILINEAR, transform._fill
+            ),
+            image,
+        )
+        for image in images
+    ]
+    return torch.stack(out)
+
+
+def dali_ops_at(images: torch.Tensor, policy: str, cases: list[tuple[str, int, int]], num_bins: int) -> list:
+    """The policy's DALI augmentation `name` at magnitude bin `bin_`, negated when `sign` is 1, for
+    each (name, bin_, sign) of `cases`, on `images`: one CPU pipeline with an output per case."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    from imagenet_ddp.data.augment import _dali_kwargs
+
+    suite, batch = dali_suite(policy, SIDE), [image.permute(1, 2, 0).contiguous().numpy() for image in images]
+
+    @pipeline_def
+    def ops():
+        source = fn.external_source(source=lambda: batch, layout="HWC")
+        outs = []
+        for name, bin_, sign in cases:
+            level = signed_bin(bin_, random_sign=fn.random.uniform(values=[sign], dtype=types.INT32))
+            outs.append(
+                suite[name](source, magnitude_bin=level, num_magnitude_bins=num_bins, **_dali_kwargs())
+            )
+        return tuple(outs)
+
+    pipe = ops(batch_size=len(batch), num_threads=1, device_id=None, seed=3)
+    pipe.build()
+    return [
+        torch.stack([torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(batch))])
+        for out in pipe.run()
+    ]
+
+
+def mad(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.int() - b.int()).abs().double().mean().item()
+
+
+@needs_dali
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet"])
+def test_each_dali_op_is_torchvisions_op_at_the_same_magnitude(crops, policy):
+    """Every op of the policy's DALI suite, at two fixed bins, against torchvision's own op of that
+    name at the magnitude torchvision's table gives the bin (its _AUGMENTATION_SPACE). A signed op is
+    run with both of DALI's signs: each must be torchvision's op at one sign (and the two at opposite
+    signs, by far: a shear or rotation that never turns one way fails), as both draw the sign 50/50.
+    An unsigned op must be torchvision's at the magnitude itself."""
+    transform = torchvision_transform(policy)
+    space, num_bins = type(transform)._AUGMENTATION_SPACE, 10 if policy == "imagenet" else NUM_BINS
+    names = [name for name in dali_suite(policy, SIDE) if name in space]
+    assert sorted(names) == sorted(space)  # the whole of torchvision's suite, nothing left out
+    images = crops[:8]
+    cases = [(n, b, sign) for n in names for b in (num_bins // 3, num_bins - 1) for sign in (0, 1)]
+    for (name, bin_, sign), by_dali in zip(cases, dali_ops_at(images, policy, cases, num_bins), strict=True):
+        magnitudes, signed = space[name][0](num_bins, SIDE, SIDE), space[name][1]
+        magnitude = float(magnitudes[bin_]) if magnitudes is not None and magnitudes.ndim > 0 else 0.0
+        tolerance = OP_TOLERANCE.get(name, 1.0)
+        if not signed:
+            difference = mad(by_dali, torchvision_op(transform, name, images, magnitude))
+            assert difference <= tolerance, (name, bin_, difference)
+            continue
+        same, opposite = (
+            mad(by_dali, torchvision_op(transform, name, images, m)) for m in (magnitude, -magnitude)
+        )
+        matched = min(same, opposite)
+        assert matched <= tolerance and max(same, opposite) >= 2 * matched, (
+            name,
+            bin_,
+            sign,
+            same,
+            opposite,
+        )
+        if sign == 0:
+            first = same < opposite  # DALI's sign 0 is torchvision's + for most ops, its - for shears
+        else:
+            assert (same < opposite) != first, f"{name}: both DALI signs turn the same way"
+
+
+def nearest_op(outputs: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """outputs [n, probe, 3, H, W], candidates [probe, k, 3, H, W]: per output, the index of the
+    closest candidate of its probe, the distance to it (mean |difference|) and to the next closest."""
+    outputs = outputs.short()
+    distances = torch.stack(
+        [
+            (outputs - candidates[:, k].short()).abs().float().mean((2, 3, 4))
+            for k in range(candidates.shape[1])
+        ],
+        -1,
+    )
+    two = distances.topk(2, -1, largest=False)
+    return two.indices[..., 0].flatten(), two.values[..., 0].flatten(), two.values[..., 1].flatten()
+
+
+@needs_dali
+def test_dali_randaugment_chooses_its_ops_and_signs_as_torchvision_does(crops):
+    """RandAugment with one op at bin 27 through the whole DALI policy, 1024 times (fixed seed: the
+    test is deterministic): each output is identified as torchvision's op and sign it is closest to,
+    and the ops must be uniform over torchvision's 14 (chi-square, p > 0.001) and signs 50/50 (a
+    binomial bound), as torchvision draws them (torch.randint over the suite, rand <= 0.5)."""
+    from scipy import stats
+
+    level = 27
+    cfg = DataConfig(auto_augment="ra", ra_num_ops=1, ra_magnitude=level)
+    transform = v2.RandAugment(
+        num_ops=1, magnitude=level, num_magnitude_bins=NUM_BINS, interpolation=BILINEAR
+    )
+    space = type(transform)._AUGMENTATION_SPACE
+    probes = (crops[:8] * 0.75 + 32).round().byte()  # in [32, 223]: AutoContrast is visibly not Identity
+    labels, candidates = [], []
+    for name, (magnitudes, signed) in space.items():
+        table = magnitudes(NUM_BINS, SIDE, SIDE)
+        magnitude = float(table[level]) if table is not None and table.ndim > 0 else 0.0
+        for sign in (1, -1) if signed and magnitude else (1,):
+            labels.append((name, sign))
+            candidates.append(torchvision_op(transform, name, probes, sign * magnitude))
+    candidates = torch.stack(candidates, 1)  # [probe, candidate, 3, H, W]
+    repeats = 128
+    outputs = dali_augmented(probes.repeat(repeats, 1, 1, 1), cfg)
+    chosen, distance, runner_up = nearest_op(outputs.view(repeats, *probes.shape), candidates)
+    assert torch.all(runner_up > 2 * distance + 0.2)  # each output is one op and sign, unmistakably
+    drawn = [labels[i] for i in chosen.tolist()]
+    ops = np.array([sum(1 for name, _ in drawn if name == op) for op in space])
+    assert stats.chisquare(ops).pvalue > 1e-3, dict(zip(space, ops.tolist(), strict=True))
+    signs = [sign for name, sign in drawn if (name, -sign) in labels]
+    negative = sum(1 for sign in signs if sign < 0)
+    assert stats.binomtest(negative, len(signs)).pvalue > 1e-3, (negative, len(signs))
 
 
 def train_pass(cfg, epoch: int, start: int = 0, state: dict | None = None, stop: int | None = None):

@@ -79,7 +79,11 @@ class _WholePixelShifts:
     (a 224 px image). Tensors, and any fill but torchvision's default (0), take torchvision's path."""
 
     def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
-        if transform_id in ("TranslateX", "TranslateY") and isinstance(image, Image.Image) and self.fill is None:
+        if (
+            transform_id in ("TranslateX", "TranslateY")
+            and isinstance(image, Image.Image)
+            and self.fill is None
+        ):
             offset = (int(magnitude), 0) if transform_id == "TranslateX" else (0, int(magnitude))
             shifted = Image.new(image.mode, image.size, (FILL,) * len(image.getbands()))
             shifted.paste(image, offset)
@@ -221,6 +225,17 @@ def _dali_ops(max_translate: float, shear: float, rotate: float, enhance: tuple,
     }
 
 
+def dali_suite(policy: str, size: int) -> dict:
+    """The DALI augmentations a policy draws from, by torchvision's op names, at the policy's magnitude
+    ranges (torchvision's) for crops of side `size`: TrivialAugmentWide's, RandAugment's, or every op
+    the ImageNet AutoAugment table may name (RandAugment's ranges, and Identity)."""
+    if policy == "ta_wide":
+        ops = _dali_ops(32, 0.99, 135, (0, 0.99), (8, 2))
+        return {name: ops[name] for name in v2.TrivialAugmentWide._AUGMENTATION_SPACE}
+    ops = _dali_ops(150 / 331 * size, 0.3, 30, (0, 0.9), (8, 4))
+    return ops if policy == "imagenet" else {name: ops[name] for name in v2.RandAugment._AUGMENTATION_SPACE}
+
+
 def _dali_kwargs() -> dict:
     import nvidia.dali.types as types
 
@@ -240,8 +255,7 @@ def dali_magnitude_bin(mean: int, std: float):
 def _dali_trivial_augment(images, size: int, _settings: tuple):
     from nvidia.dali.auto_aug.trivial_augment import apply_trivial_augment
 
-    ops = _dali_ops(32, 0.99, 135, (0, 0.99), (8, 2))
-    suite = [ops[name] for name in v2.TrivialAugmentWide._AUGMENTATION_SPACE]
+    suite = list(dali_suite("ta_wide", size).values())
     return apply_trivial_augment(suite, images, num_magnitude_bins=NUM_BINS, **_dali_kwargs())
 
 
@@ -253,8 +267,7 @@ def _dali_rand_augment(images, size: int, ra: tuple):
     from nvidia.dali.auto_aug.core import select, signed_bin
 
     _, num_ops, magnitude, std = ra
-    ops = _dali_ops(150 / 331 * size, 0.3, 30, (0, 0.9), (8, 4))
-    suite = [ops[name] for name in v2.RandAugment._AUGMENTATION_SPACE]
+    suite = list(dali_suite("ra", size).values())
     magnitude_bin = dali_magnitude_bin(magnitude, std) if std > 0 else magnitude
     chosen = fn.random.uniform(values=list(range(len(suite))), shape=(num_ops,), dtype=types.INT32)
     negate = fn.random.uniform(values=[0, 1], shape=(num_ops,), dtype=types.INT32)
@@ -270,7 +283,7 @@ def _dali_auto_augment(images, size: int, _settings: tuple):
     from nvidia.dali.auto_aug.auto_augment import apply_auto_augment
     from nvidia.dali.auto_aug.core import Policy
 
-    ops = _dali_ops(150 / 331 * size, 0.3, 30, (0, 0.9), (8, 4))
+    ops = dali_suite("imagenet", size)
     table = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)._policies  # (op, probability, bin) pairs
     # One of its steps is an Equalize at probability 0 (DALI warns at every build): run as Identity.
     steps = [
