@@ -50,7 +50,9 @@ def parse_args(argv):
     from imagenet_ddp.imagecheck import CHECKS
     from imagenet_ddp.sources import DATASETS
 
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="make_shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for dataset in DATASETS:
         s = sub.add_parser(dataset, help=f"pack {dataset} into shards")

@@ -28,7 +28,9 @@ FORMATS = ("table", "jsonl", "csv")
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "images", nargs="*", metavar="IMAGE", help="files, directories, globs; - reads them from stdin"
     )

@@ -25,7 +25,9 @@ from imagenet_ddp.errors import ArgumentParser, UserError
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="train_ddp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="recipe YAML, e.g. configs/demo.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     p.add_argument("--print-config", action="store_true", help="print the checked config and exit")

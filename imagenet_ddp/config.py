@@ -340,8 +340,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             lines = _yaml_lines(text, source)
             data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # its text spans lines, with a caret: the problem and where, in one
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         # A resolved config.yaml of a run carries `derived`: accepted for re-use and recomputed (but
         # it still names the recipe the run came from).
         recorded = _build(data, source, lines, allow_derived=True).derived

@@ -144,9 +144,16 @@ def read_run(folder: str | Path) -> Run:
                 raise ValueError(f"{', '.join(wrong) or 'epoch'} is not a number")
             metrics.append(record)
         except (ValueError, TypeError, AttributeError) as e:
-            where = "its last line is truncated" if number == len(lines) else f"line {number} is damaged"
+            # A kill mid-write cuts the last line short; anything else is damage.
+            cut = (
+                isinstance(e, json.JSONDecodeError)
+                and number == len(lines)
+                and not line.rstrip().endswith("}")
+            )
             reason = f" ({e})" if "not a number" in str(e) else ""
-            notes.append(f"{path}: {where}{reason}: ignored")
+            notes.append(
+                f"{path}: {'its last line is truncated' if cut else f'line {number} is damaged'}{reason}: ignored"
+            )
     derived = config.get("derived") or {}
     recipe = recipe_name(derived["recipe"]) if "recipe" in derived else "?"  # "?": written before it was kept
     name = (config.get("run") or {}).get("name") or folder.name
@@ -306,14 +313,14 @@ def compare(args) -> int:
             run = read_run(folder)
         except UserError as e:
             notes.append(str(e))
-            print(f"runs: {e}", file=sys.stderr)
             continue
-        for note in run.notes:
-            print(f"runs: {note}", file=sys.stderr)
         notes += run.notes
         runs.append(run)
-    if not runs:
-        raise UserError("none of the folders given is a run")
+    if not runs:  # one line, with the first reason
+        more = f" (and {len(notes) - 1} more)" if len(notes) > 1 else ""
+        raise UserError(f"none of the folders given is a run: {notes[0]}{more}")
+    for note in notes:
+        print(f"runs: {note}", file=sys.stderr)
     anchor = load_anchor(args.anchor) if args.anchor else None
     best = [r.best("val_top1") for r in runs if r.best("val_top1") is not None]
     target = args.target if args.target is not None else (math.floor(100 * min(best)) / 100 if best else 0.5)
