@@ -196,3 +196,23 @@ def test_the_warm_up_counts_every_batch_a_loader_holds_prepared(tmp_path):
         assert tp.prepared_ahead(loader) == 0 and tp.warmup_batches(0) == tp.WARMUP
     bench = tp.Throughput(gpu.torch.device("cpu"), gpu._parse(["--device", "cpu", "--steps", "5"]), tmp_path)
     assert bench.timed_steps(0.1, skipped=15) == 11 * 15 and bench.timed_steps(0.1) == 5
+
+
+def test_the_sync_audit_check_fails_listing_the_syncs_it_found(tmp_path, monkeypatch):
+    """The check row fails, each sync named with its place, when the step makes the host wait: here
+    torchvision's own RandomErasing (a box filled from a CPU tensor), caught by the CPU stand-in."""
+    from imagenet_ddp.bench import gpu_throughput as tp
+    from imagenet_ddp.data import mixing
+    from tests.test_train import make_tiny_shards
+
+    def torchvisions(self, images):
+        return gpu.torch.stack([self.erase(image) for image in images])
+
+    monkeypatch.setattr(mixing.BatchAugment, "_erase", torchvisions)
+    args = gpu._parse([*TINY, "--steps", "2"])
+    bench = tp.Throughput(gpu.torch.device("cpu"), args, tmp_path)
+    bench.shards = make_tiny_shards(tmp_path)  # what prepare() would generate, smaller
+    status, detail, extra = gpu.check_sync_audit(bench, args)
+    assert status == "FAIL" and len(extra["syncs"]) >= 2, extra  # every image erased, two steps
+    assert all("__setitem__() with a host tensor" in s and " at " in s for s in extra["syncs"])
+    assert f": {len(extra['syncs'])} host sync(s) (the CPU stand-in): " in detail
