@@ -265,3 +265,47 @@ def test_resuming_under_other_settings_is_refused_unless_allowed_and_then_record
     assert files(run_dir)["config.yaml"] == finished["config.yaml"]
     records = [json.loads(line) for line in (run_dir / "config-changes.jsonl").read_text().splitlines()]
     assert records[-1]["changes"]["optim.lr"] == {"from": 0.1, "to": 0.05} and len(records) == 2
+
+
+def test_under_torchrun_every_rank_stops_at_once_when_the_folder_is_held(shards, tmp_path):
+    """Rank 0 alone takes the lock; the other ranks must not wait in a collective for it."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RANK", "LOCAL_RANK", "SLURM_", "WANDB_"))
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_ddp.py",
+        ]
+        start = time.monotonic()
+        done = subprocess.run(
+            [*cmd, *overrides(shards, run_dir, "run.timeout_s=600")],
+            cwd=ROOT,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert time.monotonic() - start < 120  # not the collective timeout
+    finally:
+        holder.communicate("")
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "in use by another run" in line]
+    assert sorted(line.split(":")[0] for line in lines) == ["train_ddp.py", "train_ddp.py"], done.stderr
+    assert {"rank 0", "rank 1"} <= {w for line in lines for w in ("rank 0", "rank 1") if w in line}
+    assert not (run_dir / "last.pt").exists()
