@@ -9,6 +9,9 @@ into temporary shards. Measured, each the best of --repeats runs taken in turn:
 
 - ImageFolder + PIL + torchvision v2 transforms in a DataLoader: the baseline (ratio 1.0);
 - the torch and dali backends of imagenet_ddp.data (train preprocessing, normalized batches);
+- the torch backend's device-decode path (data.decode_device=cuda): workers read the bytes, the
+  training process's decode thread decodes and crops a batch at a time; on a CPU this is its
+  stand-in (libjpeg-turbo for nvJPEG, the same code and thread);
 - with each augmentation policy (--policies; data.auto_augment), both backends, against the
   policy baseline: ImageFolder + PIL + v2 with TrivialAugmentWide after the flip (bilinear, as
   torchvision's reference recipe);
@@ -58,6 +61,7 @@ def main(argv=None) -> int:
         runs = {
             "imagefolder": lambda: _imagefolder(images / "train", args),
             "torch": lambda: _backend(cfg, "torch"),
+            "torch_device": lambda: _backend(cfg, "torch", decode_device="cuda"),
             "dali": lambda: _backend(cfg, "dali"),
             "decode_dali": lambda: _decode_dali(shards / "train", args),
             "decode_pil": lambda: _decode_pil(images / "train", args),
@@ -192,8 +196,8 @@ def _imagefolder(root: Path, args, policy: bool = False) -> tuple[float, int]:
     return _rate(loader, args.batch_size)
 
 
-def _backend(cfg: DataConfig, backend: str, policy: str = "none") -> tuple[float, int]:
-    cfg = dataclasses.replace(cfg, backend=backend, auto_augment=policy)
+def _backend(cfg: DataConfig, backend: str, policy: str = "none", decode_device="cpu") -> tuple[float, int]:
+    cfg = dataclasses.replace(cfg, backend=backend, auto_augment=policy, decode_device=decode_device)
     with build_loader(cfg, "train") as loader:
         return _rate(loader, cfg.batch_size)
 
@@ -284,6 +288,7 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
     names = {
         "imagefolder": "ImageFolder + PIL + v2 (baseline)",
         "torch": "imagenet_ddp torch backend",
+        "torch_device": "torch backend, decode thread (stand-in)",
         "dali": "imagenet_ddp dali backend (CPU)",
         "decode_dali": "decode only: DALI CPU decoder",
         "decode_pil": "decode only: PIL",
@@ -329,7 +334,7 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
         "workers": args.workers,
         "img_per_s": {k: round(v, 1) for k, v in best.items()},
         "ratio_to_imagefolder": {k: round(v / base, 3) for k, v in best.items()},
-        "fraction_of_decode_limit": {k: round(best[k] / limit, 3) for k in ("torch", "dali")},
+        "fraction_of_decode_limit": {k: round(best[k] / limit, 3) for k in ("torch", "torch_device", "dali")},
         "ratio_to_imagefolder_ta": {
             k: round(v / best["imagefolder_ta"], 3)
             for k, v in best.items()

@@ -41,7 +41,13 @@ import torch.nn.functional as NF
 
 from imagenet_ddp.data import jpeg
 from imagenet_ddp.data.augment import TorchPolicy
-from imagenet_ddp.data.presets import center_crop_origin, eval_resize_shape, one_thread, to_model_input
+from imagenet_ddp.data.presets import (
+    center_crop_origin,
+    eval_resize_shape,
+    one_thread,
+    resized_crop,
+    to_model_input,
+)
 from imagenet_ddp.errors import UserError
 
 NO_BOX = (0, 0, 0, 0)
@@ -198,37 +204,55 @@ class DeviceDecoder:
                 self._crop(image, boxes[i], side, batch.where[i])
                 for i, image in zip(real, images, strict=True)
             ]
-        out = torch.zeros(len(sizes), 3, side, side, device=self.device)
-        if resized:
-            at = torch.tensor(real).to(self.device, non_blocking=True) if len(real) < len(sizes) else None
-            stacked = torch.cat(resized)
-            if train_size is not None and bool(batch.flips.any()):
-                flips = batch.flips[real].to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-                stacked = torch.where(flips, stacked.flip(3), stacked)
+        out = torch.zeros(len(sizes), 3, side, side, device=self.device, dtype=_resample_dtype(self.device))
+        if not resized:
+            return to_model_input(out, self.device, self.channels_last)
+        stacked = torch.cat(resized)
+        flips = batch.flips[real]
+        if train_size is not None and bool(flips.any()):
+            mirrored = flips.nonzero().view(-1).to(self.device, non_blocking=True)  # the mirrored images only
+            stacked.index_copy_(0, mirrored, stacked.index_select(0, mirrored).flip(3))
+        if stacked.is_floating_point():
             stacked = stacked.round_().clamp_(0, 255)  # whole grey levels, as a uint8 image holds
-            out = stacked if at is None else out.index_copy_(0, at, stacked)
-        if self.policy is not None and train_size is not None:
-            seeds, pixels = batch.seeds.tolist(), out.to(torch.uint8)
-            out = torch.stack([self.policy.on_tensor(pixels[i], seeds[i]) for i in range(len(sizes))])
+        if self.policy is not None and train_size is not None:  # per image: its own ops (5-30 kernels)
+            seeds, pixels = batch.seeds.tolist(), stacked.to(torch.uint8).contiguous()
+            stacked = torch.stack([self.policy.on_tensor(pixels[k], seeds[i]) for k, i in enumerate(real)])
+        if len(real) == len(sizes):
+            return to_model_input(stacked, self.device, self.channels_last)
+        at = torch.tensor(real).to(self.device, non_blocking=True)
+        out.index_copy_(0, at, stacked.to(out.dtype))
         return to_model_input(out, self.device, self.channels_last)
 
     def _crop(self, image: torch.Tensor, box, size: int, where: str) -> torch.Tensor:
-        """[1,3,size,size] float: the crop box resampled, antialiased where it shrinks (torchvision's
-        resized_crop, in float32)."""
+        """[1,3,size,size]: the crop box resampled, antialiased where it shrinks (torchvision's
+        resized_crop; float32 on CUDA, see _resample_dtype)."""
         top, left, h, w = box
         if top + h > image.shape[1] or left + w > image.shape[2]:  # the header's size was not the image's
             raise UserError(f"{where}: its JPEG header says another size than its decoded image")
+        if image.device.type == "cpu":  # the worker path's own resize (uint8, channels-last memory)
+            return resized_crop(image, top, left, h, w, size)[None]
         crop = image[None, :, top : top + h, left : left + w].float()
         return NF.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
     def _eval(self, image: torch.Tensor) -> torch.Tensor:
         h, w = eval_resize_shape(image.shape[1], image.shape[2], self.eval_resize)
         image = NF.interpolate(
-            image[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False
+            image[None].to(_resample_dtype(image.device)),
+            size=(h, w),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
         )
         crop = self.eval_size
         top, left = center_crop_origin(h, crop), center_crop_origin(w, crop)
         return image[:, :, top : top + crop, left : left + crop]
+
+
+def _resample_dtype(device: torch.device) -> torch.dtype:
+    """What torch's antialiased bilinear kernel takes on `device`: float32 on CUDA (one conversion per
+    crop, one rounding per batch); uint8 on a CPU, its fixed-point kernel (torchvision's, as on the
+    worker path: the stand-in's pixels are the worker path's, and it costs less CPU time)."""
+    return torch.uint8 if device.type == "cpu" else torch.float32
 
 
 def decode(files: list[torch.Tensor], where: list[str], device: torch.device) -> list[torch.Tensor]:
