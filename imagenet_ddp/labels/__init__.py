@@ -12,19 +12,19 @@ same as English in that language, each with its reason; reviewed.json: names wri
 checked for this project, see the README).
 `python -m imagenet_ddp.labels coverage` prints, per language, the count of names from each source
 and how many are still English outside the keep-list; `python -m imagenet_ddp.labels build`
-regenerates the tables (labels_build.py, which says how).
+regenerates the tables (labels_build.py, which says how). That command line is labels/__main__.py:
+these runtime tables never import their builder.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from functools import cache
 from pathlib import Path
 
 from imagenet_ddp.errors import UserError
 
-DATA_DIR = Path(__file__).with_name("labels_data")
+DATA_DIR = Path(__file__).resolve().parent.parent / "labels_data"
 DATASETS = ("imagenet1k", "tiny-imagenet")
 SOURCES = (  # best first
     "torchvision",  # English
@@ -94,9 +94,3 @@ def untranslated(lang: str) -> list[str]:
     """The wnids whose `lang` name is still the English one (ignoring case), outside the keep-list."""
     english, names, keep = _load_table("en")["names"], _load_table(lang)["names"], keep_list(lang)
     return [w for w in english if w not in keep and names[w].casefold() == english[w].casefold()]
-
-
-if __name__ == "__main__":  # the command line lives with the builder, which imports this module
-    from imagenet_ddp.labels_build import main
-
-    sys.exit(main())
