@@ -238,7 +238,8 @@ class CheckpointDir:
             try:
                 return load(path), path
             except CheckpointError as e:
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__  # one line
+                print(f"warning: {first}; trying an older checkpoint", file=sys.stderr, flush=True)
         if candidates:
             raise CheckpointError(f"no readable checkpoint in {self.dir} (tried {len(candidates)})")
         return None

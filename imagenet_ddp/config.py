@@ -482,6 +482,8 @@ def validate(cfg: Config) -> Config:
             "optim.min_lr_factor and optim.warmup_start_factor must be in [0, 1]",
         ),
         (cfg.run.keep_last >= 0, "run.keep_last must be >= 0"),
+        (bool(cfg.run.dir.strip()), "run.dir must name a folder (it is empty)"),
+        (0 <= t.seed < 2**32, f"train.seed must be in [0, 2**32), got {t.seed}"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: at epoch ends only)"),
         (cfg.run.timeout_s > 0, "run.timeout_s must be > 0"),
         (cfg.run.poll_every >= 1, "run.poll_every must be >= 1"),

@@ -103,7 +103,10 @@ def export_onnx(clf: Classifier, path: str | Path, source: dict) -> dict:
     }
     model = _Normalized(clf).eval()
     example = torch.zeros(2, 3, clf.crop, clf.crop, dtype=torch.uint8)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=".export-"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=".export-"))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
             program = torch.onnx.export(

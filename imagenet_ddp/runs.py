@@ -333,7 +333,10 @@ def compare(args) -> int:
     else:
         print(format_table(header, table), end="")
     if args.out:
-        write_report(Path(args.out), runs, header, table, anchor, notes)
+        try:
+            write_report(Path(args.out), runs, header, table, anchor, notes)
+        except OSError as e:
+            raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -388,6 +391,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "compare" and args.out and Path(args.out).suffix.lower() not in (".html", ".png"):
         p.error("--out must end in .html or .png")
+    if args.command == "compare" and args.out and not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
     if args.command == "compare" and args.target is not None and not 0 < args.target <= 1:
         p.error(f"--target {args.target}: a val top-1 is a fraction in (0, 1], e.g. 0.75")
     try:
