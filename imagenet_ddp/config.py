@@ -72,13 +72,13 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 90
+    epochs: int = 90  # passes over the train split
     batch_size: int = 64  # per process (per GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16
-    channels_last: bool = True
+    channels_last: bool = True  # model and images in channels_last memory format (faster convolutions with AMP)
     compile: bool = False  # torch.compile the model
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # share of each target spread over all classes (ce and bce); 0: off
     loss: Literal["ce", "bce"] = "ce"  # cross-entropy, or binary cross-entropy over classes (timm, Composer)
     bce_target_threshold: float = 0.0  # bce: targets above it become 1 (timm's target_threshold); 0: off
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) on the device batch; 0: off
@@ -90,7 +90,7 @@ class TrainConfig:
     ema_ref_batch_size: int = 256  # the decay is scaled to the real global batch B as ema_decay ** (B / this)
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/Inf gradient
     deterministic: bool = False  # deterministic algorithms (slower), seeded everything
-    seed: int = 0
+    seed: int = 0  # seeds initialization, data order and augmentations (with the rank and the epoch)
 
 
 @dataclass
@@ -98,13 +98,13 @@ class OptimConfig:
     name: Literal["sgd", "lamb", "rmsprop_tf", "lars"] = "sgd"  # lamb, rmsprop_tf, lars: timm's
     lr: float = 0.1  # for a global batch of ref_batch_size; scaled linearly to the real one
     ref_batch_size: int = 256  # 0: use lr as is
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-5
-    wd_on_norm_and_bias: bool = False
+    momentum: float = 0.9  # sgd, lars, rmsprop_tf
+    nesterov: bool = True  # sgd, lars: Nesterov momentum
+    weight_decay: float = 5e-5  # L2 penalty of the weights (lamb: decoupled)
+    wd_on_norm_and_bias: bool = False  # also decay norm layers' weights and biases (false: they take none)
     backbone_lr_mult: float = 1.0  # the backbone's LR as a fraction of the head's (fine-tuning)
     warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
-    warmup_start_factor: float = 0.1
+    warmup_start_factor: float = 0.1  # the LR at step 0, as a fraction of the scaled lr
     min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb
     eps: float | None = None  # lamb, rmsprop_tf; None: the library's default
@@ -113,8 +113,8 @@ class OptimConfig:
     # After warmup: cosine to min_lr_factor * lr; linear down to it (with warmup, FFCV's triangular
     # schedule); step: times step_gamma every step_epochs (timm's `step`)
     schedule: Literal["cosine", "linear", "step"] = "cosine"
-    step_epochs: float = 30.0
-    step_gamma: float = 0.1
+    step_epochs: float = 30.0  # step schedule: epochs between two drops
+    step_gamma: float = 0.1  # step schedule: the LR is multiplied by this at each drop
 
 
 @dataclass
@@ -134,11 +134,11 @@ class RunConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 50  # steps between console/W&B step metrics (each costs one device sync)
-    wandb: bool = True
-    wandb_project: str = "imagenet-ddp"
-    wandb_entity: str | None = None
+    wandb: bool = True  # log to Weights & Biases (rank 0 only); false: console and metrics.jsonl only
+    wandb_project: str = "imagenet-ddp"  # W&B project of the run
+    wandb_entity: str | None = None  # W&B user or team; None: the logged-in account's default
     wandb_group: str | None = None  # runs of one sweep share a group
-    wandb_tags: list[str] = field(default_factory=list)
+    wandb_tags: list[str] = field(default_factory=list)  # tags of the W&B run
     wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: online if a key is set, else offline
     wandb_init_timeout: float = 15.0  # online init timeout (wandb may retry 2-4x this); then offline
     wandb_checkpoints: bool = False  # also log best.pt as a W&B artifact at the end of the run
@@ -148,13 +148,13 @@ class LoggingConfig:
 class Derived:
     """Computed by `resolve`, never set by hand: written for the record, recomputed on every start."""
 
-    world_size: int = 1
+    world_size: int = 1  # processes (one per GPU) in the run
     global_batch_size: int = 0  # batch_size * world_size * grad_accum
     lr: float = 0.0  # optim.lr scaled by global_batch_size / ref_batch_size
-    precision: str = "fp32"
-    steps_per_epoch: int = 0
-    total_steps: int = 0
-    warmup_steps: int = 0
+    precision: str = "fp32"  # train.precision with auto decided for this device
+    steps_per_epoch: int = 0  # optimizer steps per epoch: loader batches per rank // grad_accum
+    total_steps: int = 0  # steps_per_epoch * train.epochs
+    warmup_steps: int = 0  # optim.warmup_epochs in steps
     ema_decay: float = 0.0  # train.ema_decay per optimizer step of global_batch_size images
     eval_resize: int = 0  # evaluation: shorter side resized to this, then centre crop data.eval_size
     recipe: str = ""  # the --config file the run was started from ("": the defaults)

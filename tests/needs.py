@@ -86,5 +86,5 @@ def _tmpfs() -> tuple[bool, str | None]:
     return True, None
 
 
-EXECUTABLES = {"wds2idx", "prlimit"}
+EXECUTABLES = {"wds2idx", "prlimit", "setpriv"}
 CAPABILITIES = {"chromium": _chromium, "tmpfs": _tmpfs}

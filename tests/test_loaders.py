@@ -11,6 +11,7 @@ import io
 import json
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ddp.data.shardset import open_split, read_index
 from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
+from tests.needs import needs
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES, TRAIN_PER_CLASS = 130, 2
@@ -580,23 +582,102 @@ def test_more_shards_than_the_open_file_soft_limit_still_load(many_shards, backe
         assert "ulimit -n" in message and "--shard-size" in message
 
 
+def damage(shard, how: str) -> None:
+    """Damage a val shard the loader has already checked (as a disk or a network file system may)."""
+    if how == "undecodable jpeg":  # its 4th JPEG's bytes replaced, the size unchanged
+        offset, size = (int(v) for v in read_index(shard).jpg[3, :2])
+        with open(shard.path, "r+b") as f:
+            f.seek(offset)
+            f.write(bytes(random.Random(0).randrange(256) for _ in range(size)))
+    elif how == "truncated shard":
+        shard.path.write_bytes(shard.path.read_bytes()[: shard.bytes // 2])
+    elif how == "missing shard":
+        shard.path.unlink()
+
+
 @pytest.mark.needs("nvidia.dali")
-def test_a_dali_failure_that_is_not_about_the_data_hashes_no_shard(shards, monkeypatch):
-    """Only a read or decode failure is worth hashing the pass's shards (minutes for a rank's share
-    of ImageNet): a resource failure is named at once."""
+@pytest.mark.parametrize(
+    "how, dali_said",
+    [
+        pytest.param(
+            "undecodable jpeg",
+            "Error in CPU operator `nvidia.dali.fn.decoders.image`: ",
+            id="undecodable jpeg",
+        ),
+        pytest.param("truncated shard", "offset is outside of the archive file", id="truncated shard"),
+        pytest.param("missing shard", "No such file or directory", id="missing shard"),
+    ],
+)
+def test_a_real_dali_read_failure_names_the_damaged_shard(shards, tmp_path, monkeypatch, how, dali_said):
+    """DALI's own failure, provoked after the loader's checks passed: the pass's shards are hashed
+    and the damaged one is named, with DALI's cause on the same line."""
     from imagenet_ddp.data.shardset import ShardSplit
 
-    hashed = []
-    monkeypatch.setattr(ShardSplit, "find_corrupt", lambda self, found: hashed.append(found))
-    with build_loader(config(shards, "dali"), "train") as loader:
-        paths = [str(s.path) for s in loader.shards.shards]
-        dali = "Error in CPU operator `nvidia.dali.fn.readers.webdataset`,\nencountered:\n\n{}\n"
-        error = loader._read_error(
-            RuntimeError(dali.format("Could not open file x.tar: Too many open files")), paths
+    root = corrupt_copy(shards, tmp_path)
+    hashed, find_corrupt = [], ShardSplit.find_corrupt
+    monkeypatch.setattr(
+        ShardSplit, "find_corrupt", lambda self, found: hashed.append(found) or find_corrupt(self, found)
+    )
+    with build_loader(config(root, "dali", workers=1), "val") as loader:
+        victim = loader.shards.shards[1]
+        damage(victim, how)
+        with pytest.raises(UserError) as e:
+            list(loader)
+    message = str(e.value)
+    assert message.startswith(f"shard {victim.path} is damaged") and "re-run make_shards.py" in message
+    assert dali_said in message.split("; DALI said: ", 1)[1]
+    assert "\n" not in message and len(hashed) == 1
+
+
+DALI_FAILURE = """
+import os, resource, sys, warnings
+from imagenet_ddp.data import DataConfig, build_loader, dali_backend
+from imagenet_ddp.data.shardset import ShardSplit
+from imagenet_ddp.errors import UserError
+warnings.simplefilter("ignore")
+hashed = []
+find_corrupt = ShardSplit.find_corrupt
+ShardSplit.find_corrupt = lambda self, shards: hashed.append(len(shards)) or find_corrupt(self, shards)
+cfg = DataConfig(root=sys.argv[1], backend="dali", image_size=16, eval_size=16, batch_size=4, workers=1)
+with build_loader(cfg, "val") as loader:
+    if sys.argv[2] == "open files":  # past the loader's own check, which refuses before DALI opens a shard
+        dali_backend._allow_open_files = lambda *args, **kwargs: True
+        limit = len(os.listdir("/proc/self/fd")) + 2
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    try:
+        print("passes:", sum(1 for _ in loader))
+    except UserError as e:
+        print("error:", e)
+print("hashed:", hashed)
+"""
+
+
+@pytest.mark.needs("nvidia.dali")
+@pytest.mark.parametrize("how", ["permission denied", "open files"])
+def test_a_real_dali_failure_that_is_not_about_the_data_hashes_no_shard(shards, tmp_path, how):
+    """Only a read or decode failure is worth hashing the pass's shards (minutes for a rank's share
+    of ImageNet): a resource failure, DALI's own (a shard it may not read: as root, run without the
+    capability to override file permissions; the open-file limit met in DALI), is named at once."""
+    root = corrupt_copy(shards, tmp_path)
+    command = [sys.executable, "-c", DALI_FAILURE, str(root), how]
+    if how == "permission denied":
+        (root / "val" / "val-000001.tar").chmod(0)
+        if os.geteuid() == 0:
+            drop = "-dac_override,-dac_read_search"
+            command = [needs("setpriv"), f"--bounding-set={drop}", f"--inh-caps={drop}", *command]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    error, hashed = out.stdout.strip().splitlines()
+    assert hashed == "hashed: []"
+    if how == "permission denied":
+        assert error.startswith("error: DALI failed on rank 0 (Permission denied), not because of the data: ")
+        assert f"Could not open file {root / 'val' / 'val-000001.tar'}: Permission denied" in error
+    else:
+        assert (
+            error.startswith("error: DALI could not open the shards of ")
+            and "too many open files (limit " in error
         )
-        assert "too many open files (limit " in str(error) and "ulimit -n" in str(error)
-        error = loader._read_error(RuntimeError(dali.format("CUDA error: out of memory")), paths)
-        assert "not because of the data" in str(error)
-        assert hashed == []
-        loader._read_error(RuntimeError(dali.format("Error reading from a file x.tar")), paths)
-        assert len(hashed) == 1 and len(hashed[0]) == len(paths)
+        assert (
+            "raise it with `ulimit -n`; DALI said: Error in CPU operator `nvidia.dali.fn.readers.webdataset`"
+            in error
+        )

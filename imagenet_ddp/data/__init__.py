@@ -84,9 +84,9 @@ class DataConfig:
     # Progressive resizing (FFCV): the train crop side grows from progressive_start_size at epoch
     # progressive_start_epoch to image_size at progressive_end_epoch, rounded to progressive_step; 0: off.
     progressive_start_size: int = 0
-    progressive_start_epoch: int = 0
-    progressive_end_epoch: int = 0
-    progressive_step: int = 32
+    progressive_start_epoch: int = 0  # progressive resizing: the epoch the ramp starts at
+    progressive_end_epoch: int = 0  # progressive resizing: the epoch from which crops are image_size
+    progressive_step: int = 32  # progressive resizing: crop sides are multiples of this
     # torch backend: where JPEGs are decoded. cuda: the workers only read bytes, the main process
     # decodes each batch with nvJPEG and crops, resizes, flips and normalizes on the GPU (on a CPU
     # device: the same path with the CPU decoder, as the tests run it); auto: cuda on a CUDA device,
