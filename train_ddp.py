@@ -26,7 +26,10 @@ from imagenet_ddp.errors import ArgumentParser, UserError
 
 def parse_args(argv):
     p = ArgumentParser(
-        prog="train_ddp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="train_ddp.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key, with its type, default and meaning: docs/config.md",
     )
     p.add_argument("--config", help="recipe YAML, e.g. configs/demo.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
