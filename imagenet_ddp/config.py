@@ -76,7 +76,9 @@ class TrainConfig:
     batch_size: int = 64  # per process (per GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16
-    channels_last: bool = True  # model and images in channels_last memory format (faster with AMP)
+    channels_last: bool = (
+        True  # model and images in channels_last memory format (faster with AMP)
+    )
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.1  # share of each target spread over all classes (ce and bce); 0: off
     loss: Literal["ce", "bce"] = "ce"  # cross-entropy, or binary cross-entropy over classes (timm, Composer)
@@ -393,6 +395,7 @@ def loader_config(cfg: Config) -> LoaderConfig:
 # Sides in pixels worth training on and that a decoder can make: below MIN_SIDE an image holds
 # nothing to learn from; above MAX_SIDE a resize needs gigabytes per batch.
 MIN_SIDE, MAX_SIDE = 8, 4096
+MAX_EPOCHS = 100_000  # beyond any schedule; step counts computed from more overflow
 
 
 def _nonfinite(cfg: Config) -> str | None:
@@ -449,7 +452,8 @@ def validate(cfg: Config) -> Config:
         (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
         (o.lr > 0, "optim.lr must be > 0"),
         (o.ref_batch_size >= 0, "optim.ref_batch_size must be >= 0 (0: no scaling)"),
-        (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (0 <= o.warmup_epochs <= MAX_EPOCHS, f"optim.warmup_epochs must be in [0, {MAX_EPOCHS}]"),
+        (t.epochs <= MAX_EPOCHS, f"train.epochs must be at most {MAX_EPOCHS}"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be > 0 (freeze with model.freeze instead)"),
         (
             0.0 <= t.bce_target_threshold < 1.0,
@@ -474,8 +478,8 @@ def validate(cfg: Config) -> Config:
         (0 <= o.rmsprop_alpha < 1, "optim.rmsprop_alpha must be in [0, 1)"),
         (o.lars_trust_coeff > 0, "optim.lars_trust_coeff must be > 0"),
         (
-            o.step_epochs > 0 and 0 < o.step_gamma <= 1,
-            "optim.step_epochs must be > 0 and optim.step_gamma in (0, 1]",
+            0 < o.step_epochs <= MAX_EPOCHS and 0 < o.step_gamma <= 1,
+            f"optim.step_epochs must be in (0, {MAX_EPOCHS}] and optim.step_gamma in (0, 1]",
         ),
         (
             0 <= o.min_lr_factor <= 1 and 0 <= o.warmup_start_factor <= 1,
