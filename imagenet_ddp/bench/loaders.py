@@ -288,7 +288,7 @@ def _report(best: dict, cpu_ms: dict, train: dict, fastest: str, max_side, args)
     names = {
         "imagefolder": "ImageFolder + PIL + v2 (baseline)",
         "torch": "imagenet_ddp torch backend",
-        "torch_device": "torch backend, decode thread (stand-in)",
+        "torch_device": "torch backend, decode thread",
         "dali": "imagenet_ddp dali backend (CPU)",
         "decode_dali": "decode only: DALI CPU decoder",
         "decode_pil": "decode only: PIL",

@@ -204,9 +204,8 @@ class DeviceDecoder:
                 self._crop(image, boxes[i], side, batch.where[i])
                 for i, image in zip(real, images, strict=True)
             ]
-        out = torch.zeros(len(sizes), 3, side, side, device=self.device, dtype=_resample_dtype(self.device))
-        if not resized:
-            return to_model_input(out, self.device, self.channels_last)
+        if not resized:  # padding alone
+            return to_model_input(self._padded(len(sizes), side), self.device, self.channels_last)
         stacked = torch.cat(resized)
         flips = batch.flips[real]
         if train_size is not None and bool(flips.any()):
@@ -215,13 +214,19 @@ class DeviceDecoder:
         if stacked.is_floating_point():
             stacked = stacked.round_().clamp_(0, 255)  # whole grey levels, as a uint8 image holds
         if self.policy is not None and train_size is not None:  # per image: its own ops (5-30 kernels)
-            seeds, pixels = batch.seeds.tolist(), stacked.to(torch.uint8).contiguous()
-            stacked = torch.stack([self.policy.on_tensor(pixels[k], seeds[i]) for k, i in enumerate(real)])
+            seeds, pixels = batch.seeds.tolist(), stacked.to(torch.uint8)
+            for k, i in enumerate(real):
+                pixels[k] = self.policy.on_tensor(pixels[k], seeds[i])
+            stacked = pixels
         if len(real) == len(sizes):
             return to_model_input(stacked, self.device, self.channels_last)
-        at = torch.tensor(real).to(self.device, non_blocking=True)
-        out.index_copy_(0, at, stacked.to(out.dtype))
+        out = self._padded(len(sizes), side)
+        out.index_copy_(0, torch.tensor(real).to(self.device, non_blocking=True), stacked.to(out.dtype))
         return to_model_input(out, self.device, self.channels_last)
+
+    def _padded(self, count: int, side: int) -> torch.Tensor:
+        """A batch of black images (padding samples stay so; real ones are copied in)."""
+        return torch.zeros(count, 3, side, side, device=self.device, dtype=_resample_dtype(self.device))
 
     def _crop(self, image: torch.Tensor, box, size: int, where: str) -> torch.Tensor:
         """[1,3,size,size]: the crop box resampled, antialiased where it shrinks (torchvision's
