@@ -76,9 +76,7 @@ class TrainConfig:
     batch_size: int = 64  # per process (per GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16
-    channels_last: bool = (
-        True  # model and images in channels_last memory format (faster with AMP)
-    )
+    channels_last: bool = True  # model and images in channels_last memory format (faster with AMP)
     compile: bool = False  # torch.compile the model
     label_smoothing: float = 0.1  # share of each target spread over all classes (ce and bce); 0: off
     loss: Literal["ce", "bce"] = "ce"  # cross-entropy, or binary cross-entropy over classes (timm, Composer)
