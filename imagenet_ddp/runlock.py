@@ -58,6 +58,7 @@ class RunLock:
         self.path = self.dir / LOCK_NAME
         self.say = say
         self.mine: dict | None = None
+        self._created: list[Path] = []  # folders made for the lock, deepest first
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,6 +76,7 @@ class RunLock:
             if self.dir.exists() and not self.dir.is_dir():
                 raise UserError(f"run.dir {self.dir} is a file, not a folder: choose another run.dir")
             if not self.dir.is_dir():  # mkdir(exist_ok) in a read-only parent says EACCES, not EEXIST
+                self._created = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
                 self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"run.dir {self.dir}: cannot create it: {e.strerror or e}") from None
@@ -171,6 +173,13 @@ class RunLock:
             self.mine["pid"],
         ):
             self.path.unlink(missing_ok=True)
+        # A run refused before it wrote anything leaves no trace: the folders made for the lock go.
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only while empty
+            except OSError:
+                break
+        self._created = []
         self.mine = None
 
     def __enter__(self) -> RunLock:
