@@ -208,6 +208,8 @@ def _check_output(out: Path, listing: Listing, split: str, fingerprint: str) -> 
             old = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"{path} is not valid JSON: delete {out} or choose another --out") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is not one make_shards.py wrote: delete {out} or choose another --out")
         if old.get("dataset") != listing.dataset or old.get("split") != split:
             raise UserError(
                 f"{out} holds {old.get('dataset')}/{old.get('split')}, not {listing.dataset}/{split}: "
@@ -262,10 +264,15 @@ def pack_split(
     repairing = False
     if _check_output(out, listing, split, fingerprint):
         manifest = json.loads((out / "manifest.json").read_text())
-        damaged = damaged_shards(out, manifest, workers)
-        if not damaged:
-            return SplitResult(split, out, manifest["num_samples"], manifest["num_rejected"], 0, 0.0, True)
-        intact = _intact_records(out, manifest, dict(zip(names, plan, strict=True)), damaged)
+        try:
+            damaged = damaged_shards(out, manifest, workers)
+            if not damaged:
+                return SplitResult(
+                    split, out, manifest["num_samples"], manifest["num_rejected"], 0, 0.0, True
+                )
+            intact = _intact_records(out, manifest, dict(zip(names, plan, strict=True)), damaged)
+        except (KeyError, TypeError, AttributeError):  # its shard list is damaged: every shard is rebuilt
+            intact = {}
         repairing = True
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp-*"):

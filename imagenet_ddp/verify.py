@@ -141,8 +141,15 @@ def verify_splits(
         try:
             manifest = json.loads(manifest_path.read_text())
             shards, classes = manifest["shards"], manifest["classes"]
-        except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{manifest_path}: missing or unreadable manifest ({e})")
+            fields = ("file", "index", "num_samples", "bytes", "sha256")
+            if not isinstance(classes, list) or not all(
+                isinstance(s, dict) and set(fields) <= set(s) for s in shards
+            ):
+                raise ValueError(f"each shard needs {', '.join(fields)}")
+            if not all(isinstance(s["num_samples"], int) for s in shards):
+                raise ValueError("a shard's num_samples is not a whole number")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{manifest_path}: missing or unreadable manifest ({type(e).__name__}: {e})")
             continue
         class_lists[d], manifests[d] = classes, manifest
         listed = {s["file"] for s in shards}

@@ -98,6 +98,13 @@ def world(tmp_path_factory) -> Path:
     (w / "empty.pt").write_bytes(b"")
     shutil.copytree(w / "shards", w / "badshards")
     (w / "badshards" / "train" / "manifest.json").write_text("{not json")
+    for name, text in [
+        ("listshards", "[]"),
+        ("nullshards", "null"),
+        ("fieldshards", '{"shards": [{"file": "x"}], "classes": []}'),
+    ]:
+        shutil.copytree(w / "shards", w / name)
+        (w / name / "train" / "manifest.json").write_text(text)
     shutil.copytree(w / "shards", w / "cutshards")
     tar = sorted((w / "cutshards" / "train").glob("*.tar"))[0]
     tar.write_bytes(tar.read_bytes()[:700])
@@ -286,11 +293,17 @@ CASES = [
     ("split-unknown", "shards", SRC + "--splits test", 2, "split 'test' not found"),
     ("check-unknown", "shards", SRC + "--check all", 2, "--check: invalid choice: 'all'"),
     ("out-holds-other-shards", "shards", "folder --src {w}/src --out {w}/badshards", 2, "badshards"),
+    ("out-manifest-a-list", "shards", "folder --src {w}/src --out {w}/listshards", 2, "is not one make_shards.py wrote"),
+    ("out-manifest-null", "shards", "folder --src {w}/src --out {w}/nullshards", 2, "is not one make_shards.py wrote"),
+    ("evaluate-manifest-a-list", "predict", CKPT + "--evaluate {w}/listshards/train", 2, "is not a shard manifest"),
     ("dataset-unknown", "shards", "photos --src {w}/src", 2, "invalid choice: 'photos'"),
     ("src-required", "shards", "folder --out {x}/out", 2, "the following arguments are required: --src"),
     # make_shards.py verify: the problems on stdout, exit 1
     ("verify-missing", "shards", "verify {w}/nope", 1, "verify: 1 problem(s)"),
     ("verify-bad-manifest", "shards", "verify {w}/badshards/train", 1, "verify: 1 problem(s)"),
+    ("verify-manifest-a-list", "shards", "verify {w}/listshards/train", 1, "verify: 1 problem(s)"),
+    ("verify-manifest-null", "shards", "verify {w}/nullshards/train", 1, "verify: 1 problem(s)"),
+    ("verify-manifest-fields", "shards", "verify {w}/fieldshards/train", 1, "verify: 1 problem(s)"),
     ("verify-cut-shard", "shards", "verify {w}/cutshards/train", 1, "problem(s) in"),
     ("verify-workers-zero", "shards", "verify {w}/shards/train --workers 0", 2, "must be positive"),
     # python -m imagenet_ddp.runs

@@ -67,6 +67,12 @@ def test_a_rerun_rebuilds_missing_and_damaged_shards_to_a_clean_runs_bytes(sourc
     # Nothing damaged: the same command does nothing.
     code, out, _ = run(*command)
     assert code == 0 and out.count("already complete") == 2 and tree(tmp_path / "out") == clean
+    # A manifest whose shard list is damaged: every shard is checked by being written again.
+    manifest = json.loads((train / "manifest.json").read_text())
+    (train / "manifest.json").write_text(json.dumps({**manifest, "shards": "lost"}))
+    code, out, err = run(*command)
+    assert code == 0 and "were missing or damaged and are rebuilt" in out, err
+    assert tree(tmp_path / "out") == clean
 
 
 def test_out_and_src_apart(source, tmp_path):
