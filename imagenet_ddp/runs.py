@@ -161,6 +161,9 @@ def read_run(folder: str | Path) -> Run:
         status = json.loads((folder / "status.json").read_text())
     except (OSError, ValueError):
         status = {}
+    if not isinstance(status, dict) or not isinstance(status.get("hours", 0.0), int | float):
+        notes.append(f"{folder / 'status.json'}: not one train_ddp.py wrote: ignored")
+        status = {}
     hours = float(status.get("hours") or 0.0)
     return Run(folder, name, recipe, flat, metrics, _state(status, metrics, flat), notes, hours)
 

@@ -122,6 +122,11 @@ def world(tmp_path_factory) -> Path:
         (run / "config.yaml").write_text(dump_yaml(load_config(None, ["train.epochs=2"])))
         (run / "metrics.jsonl").write_bytes("".join(line + "\n" for line in lines).encode("latin-1"))
         (run / "status.json").write_text('{"state": "finished", "hours": 0.1}\n')
+    (w / "runs" / "run_badstatus").mkdir()
+    shutil.copy(w / "runs" / "run_ok" / "config.yaml", w / "runs" / "run_badstatus")
+    (w / "runs" / "run_badstatus" / "status.json").write_text("[1, 2]\n")
+    (w / "runs" / "run_binconfig").mkdir()
+    (w / "runs" / "run_binconfig" / "config.yaml").write_bytes(bytes(range(128, 256)))
     return w
 
 
@@ -319,6 +324,8 @@ CASES = [
     ("compare-anchor-unknown", "runs", "compare {w}/runs/run_ok --anchor nope", 2, "nope"),
     ("compare-null-val-top1", "runs", "compare {w}/runs/run_null", 0, "line 2 is damaged (val_top1 is not a number)"),
     ("compare-stray-byte", "runs", "compare {w}/runs/run_stray", 0, "line 2 is damaged: ignored"),
+    ("compare-status-a-list", "runs", "compare {w}/runs/run_badstatus", 0, "status.json: not one train_ddp.py wrote"),
+    ("compare-config-binary", "runs", "compare {w}/runs/run_binconfig", 2, "not a config written by train_ddp.py"),
     ("list-missing", "runs", "list {w}/nope", 2, "no such folder"),
     ("list-a-file", "runs", "list {w}/afile", 2, "no such folder"),
     ("list-null-val-top1", "runs", "list {w}/runs/run_null", 0, "val_top1 is not a number"),
