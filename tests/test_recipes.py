@@ -1,11 +1,16 @@
 """Every recipe in configs/ runs as written, on both backends: 2 optimizer steps and one validation on
-fixture shards, with only the sizes, the batch, the epoch count and where it writes overridden.
+fixture shards, with only the sizes (image sides scaled to 32 px, the shuffle buffer), the batch, the
+loader's worker count, the epoch count and where it writes overridden. Everything else (compile,
+gradient accumulation, the eval resize and crop ratio, init_from, the policy, the loss) is the
+recipe's; torchvision weights a recipe starts from are a local file of the right architecture in
+TORCH_HOME, as they would be after a download (this machine is offline).
 
 And with every ingredient on at once, a run killed mid-epoch resumes to bitwise-identical weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,12 +22,48 @@ import predict
 import train_ddp
 from imagenet_ddp.checkpoint import load
 from imagenet_ddp.config import load_config
+from imagenet_ddp.data.presets import eval_resize_size
 from tests.fixtures import make_folder
 from tests.test_loaders import DALI
 from tests.test_train import one_thread, small_run  # noqa: F401 (one_thread: an autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+SIDE = 32  # train and eval crops
+
+
+def weights_file(source: str) -> str:
+    import torchvision
+
+    return Path(torchvision.models.get_weight(source.removeprefix("torchvision:")).url).name
+
+
+def eval_resize_scaled(cfg) -> int:
+    return round(cfg.data.eval_resize_size * SIDE / cfg.data.eval_size)
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory) -> Path:
+    """TORCH_HOME with the torchvision weights the recipes start from (model.init_from), each as
+    torchvision's file: the state_dict of that architecture (untrained), under the file name of its URL."""
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch-home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    for recipe in RECIPES:
+        source = load_config(recipe).model.init_from or ""
+        if source.startswith("torchvision:"):
+            weights = torchvision.models.get_weight(source.removeprefix("torchvision:"))
+            name = next(
+                m
+                for m in torchvision.models.list_models()
+                if weights in torchvision.models.get_model_weights(m)
+            )
+            model = torchvision.models.get_model(
+                name, weights=None, num_classes=len(weights.meta["categories"])
+            )
+            torch.save(model.state_dict(), home / "hub" / "checkpoints" / weights_file(source))
+    return home
 
 
 @pytest.fixture(scope="module")
@@ -36,41 +77,62 @@ def shards(tmp_path_factory) -> Path:
 
 
 def shrunk(recipe: Path, shards: Path, backend: str, run_dir: Path) -> list[str]:
-    """The recipe's overrides for a CPU run of seconds: sizes, batch, one epoch, no weights to fetch."""
+    """The recipe's overrides for a CPU run of seconds: sizes, batch, one epoch, where it writes."""
     cfg = load_config(recipe)
     overrides = [
         f"data.root={shards}",
         f"data.backend={backend}",
         "data.workers=1",
-        "data.image_size=64",
-        "data.eval_size=64",
-        "data.eval_resize_size=0",
-        "data.eval_crop_ratio=0.875",
+        f"data.image_size={SIDE}",
+        f"data.eval_size={SIDE}",
         "data.shuffle_buffer=16",
         "train.batch_size=8",
-        "train.grad_accum=1",
         "train.epochs=1",
-        "train.compile=false",
-        "model.init_from=null",  # torchvision's weights are not on this machine
         f"run.dir={run_dir}",
         "logging.wandb=false",
     ]
-    if cfg.data.progressive_start_size:  # the ramp then starts at 32 px
-        overrides += ["data.progressive_start_size=32", "data.progressive_step=32"]
+    if cfg.data.eval_resize_size:  # the recipe's resize, in the same proportion to the crop
+        overrides.append(f"data.eval_resize_size={eval_resize_scaled(cfg)}")
+    if cfg.data.progressive_start_size:  # the ramp then starts at half the side
+        overrides += [f"data.progressive_start_size={SIDE // 2}", f"data.progressive_step={SIDE // 2}"]
     return overrides
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", DALI])
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_each_recipe_trains_two_steps_and_validates(shards, tmp_path, recipe, backend):
-    run = tmp_path / "run"
+def test_each_recipe_trains_two_steps_and_validates(
+    shards, torch_home, monkeypatch, tmp_path, recipe, backend
+):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    run, written = tmp_path / "run", load_config(recipe)
     assert train_ddp.main(["--config", str(recipe), *shrunk(recipe, shards, backend, run)]) == 0
     [line] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert line["step"] == 2 and line["val_count"] == 8
-    assert line["train_size"] == (32 if load_config(recipe).data.progressive_start_size else 64)
+    assert line["step"] == 2 // written.train.grad_accum and line["val_count"] == 8
+    assert line["train_size"] == (SIDE // 2 if written.data.progressive_start_size else SIDE)
     saved = load(run / "last.pt")
-    assert saved["config"]["data"]["auto_augment"] == load_config(recipe).data.auto_augment
+    for section, keys in RECIPE_KEYS.items():  # as the recipe sets them
+        for key in keys:
+            assert saved["config"][section][key] == getattr(getattr(written, section), key), (section, key)
+    # The eval transform validation ran with: the recipe's resize (scaled) or its crop ratio.
+    expected = (
+        eval_resize_scaled(written)
+        if written.data.eval_resize_size
+        else eval_resize_size(SIDE, written.data.eval_crop_ratio)
+    )
+    assert (saved["preprocess"]["resize"], saved["preprocess"]["crop"]) == (expected, SIDE)
+    if written.model.init_from:  # the weights it starts from were read
+        file = torch_home / "hub" / "checkpoints" / weights_file(written.model.init_from)
+        assert saved["init_from"]["source"] == written.model.init_from
+        assert saved["init_from"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+RECIPE_KEYS = {
+    "data": ("auto_augment", "eval_crop_ratio", "random_erase"),
+    "train": ("compile", "grad_accum", "loss", "mixup_alpha", "cutmix_alpha", "ema_decay", "precision"),
+    "model": ("name", "init_from"),
+    "optim": ("name",),
+}
 
 
 EVERYTHING = (
