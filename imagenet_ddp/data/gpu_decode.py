@@ -41,6 +41,7 @@ import torch.nn.functional as NF
 
 from imagenet_ddp.data import jpeg
 from imagenet_ddp.data.augment import TorchPolicy
+from imagenet_ddp.data.policy_batch import BatchPolicy
 from imagenet_ddp.data.presets import (
     center_crop_origin,
     eval_resize_shape,
@@ -109,6 +110,7 @@ class DeviceDecoder:
         self.device, self.channels_last = device, channels_last
         self.eval_size, self.eval_resize, self.policy = eval_size, eval_resize, policy
         self.prefetch = prefetch  # 0: decode in the caller's thread, when asked (no thread)
+        self.batch_policy = BatchPolicy(policy) if policy is not None else None
         self._stream = None  # CUDA: the stream the batches are decoded and preprocessed on
 
     def ahead(self, batches: Iterator[JpegBatch], train_size: int | None, skip: int = 0) -> Iterator:
@@ -213,11 +215,9 @@ class DeviceDecoder:
             stacked.index_copy_(0, mirrored, stacked.index_select(0, mirrored).flip(3))
         if stacked.is_floating_point():
             stacked = stacked.round_().clamp_(0, 255)  # whole grey levels, as a uint8 image holds
-        if self.policy is not None and train_size is not None:  # per image: its own ops (5-30 kernels)
-            seeds, pixels = batch.seeds.tolist(), stacked.to(torch.uint8)
-            for k, i in enumerate(real):
-                pixels[k] = self.policy.on_tensor(pixels[k], seeds[i])
-            stacked = pixels
+        if self.policy is not None and train_size is not None:  # each image's own draws, ops by group
+            seeds = batch.seeds.tolist()
+            stacked = self.batch_policy(stacked.to(torch.uint8), [seeds[i] for i in real])
         if len(real) == len(sizes):
             return to_model_input(stacked, self.device, self.channels_last)
         out = self._padded(len(sizes), side)
