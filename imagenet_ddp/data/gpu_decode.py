@@ -17,8 +17,8 @@ one flip of the mirrored images, one rounding to whole grey levels, the normaliz
 (presets.to_model_input). A bounded queue (`prefetch` batches) holds what is ready; the training
 stream waits for each batch's event, not the host. torch's ops release the GIL, so the two threads
 overlap on the host too. Eval batches: each image resized to presets.eval_resize_shape, centre
-crop at presets.center_crop_origin. With a policy (data.auto_augment), torchvision v2 runs on each
-image tensor in the decode thread, seeded per image as on the CPU path.
+crop at presets.center_crop_origin. With a policy (data.auto_augment), policy_batch.BatchPolicy runs
+torchvision's ops on the whole batch, each image's drawn from its own seed as on the CPU path.
 
 Pixels: the worker path resizes uint8 images with torch's fixed-point kernel, this path resamples
 float32 and rounds once: within one grey level of each other (tests/test_gpu_decode.py).
