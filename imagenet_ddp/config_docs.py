@@ -3,8 +3,8 @@
     python -m imagenet_ddp.config_docs > docs/config.md      # regenerate after changing the schema
     python -m imagenet_ddp.config_docs --check docs/config.md   # exit 1 when the file is out of date
 
-One source: each key's type and default come from the dataclasses, its meaning from the comments
-written beside the field (the comment on the field's lines, after the comment block just above it),
+One source: each key's type and default come from the dataclasses, its meaning from the comment
+written beside the field (on the field's own lines, else the comment block just above it),
 and its range from the start-up checks' own messages ("optim.momentum must be in [0, 1)"), so the
 reference changes when the code does. A key without a comment is an error here and in the tests.
 """
@@ -71,7 +71,7 @@ def _comments(path: str) -> dict[int, str]:
 
 
 def descriptions(cls: type) -> dict[str, str]:
-    """Field name -> its comments: the block just above the field, then those on its own lines."""
+    """Field name -> its comment: the one on the field's own lines, else the block just above it."""
     path = inspect.getsourcefile(cls)
     source = Path(path).read_text(encoding="utf-8")
     lines = source.splitlines()
@@ -88,7 +88,8 @@ def descriptions(cls: type) -> dict[str, str]:
             above.insert(0, comments[line])
             line -= 1
         beside = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
-        out[stmt.target.id] = " ".join(c for c in above + beside if c)
+        # A field with its own comment is described by it; a block above it then speaks for a group.
+        out[stmt.target.id] = " ".join(c for c in beside or above if c)
     return out
 
 
