@@ -325,9 +325,9 @@ class DaliLoader(Loader):
         by_path = {str(s.path): s for s in self.shards.shards}
         bad = self.shards.find_corrupt([by_path[p] for p in dict.fromkeys(paths) if p in by_path])
         if bad is not None:
+            what = _damage(bad)
             return UserError(
-                f"shard {bad.path} is damaged (its sha256 differs from {self.shards.dir}/manifest.json): "
-                f"re-run make_shards.py; DALI said: {detail}"
+                f"shard {bad.path} {what} ({self.shards.dir}/manifest.json): re-run make_shards.py; DALI said: {detail}"
             )
         return UserError(
             f"DALI failed reading {self.shards.dir} (rank {self.rank}): {detail}; "
@@ -343,7 +343,18 @@ _RESOURCE_ERRORS = (
     "CUDA error",
     "CUDA driver",
     "Permission denied",
+    "Resource temporarily unavailable",  # memory refused under an address-space limit (RLIMIT_AS)
+    "std::bad_alloc",
 )
+
+
+def _damage(shard) -> str:
+    """What is wrong with a shard find_corrupt returned, in a few words."""
+    if not shard.path.is_file():
+        return "is gone"
+    if shard.path.stat().st_size != shard.bytes:
+        return f"is {shard.path.stat().st_size} bytes, not the manifest's {shard.bytes}"
+    return "is damaged: its sha256 differs from the manifest's"
 
 
 def _allow_open_files(files: int, rank: int, strict: bool = True) -> bool:
