@@ -80,6 +80,9 @@ def _lamb(groups: list[dict], o: OptimConfig, lr: float, device: torch.device) -
 
     # timm's defaults kept as create_optimizer_v2 keeps them: Adam-style bias correction, and the
     # gradients clipped to a global norm of 1 inside the step (max_grad_norm), on top of train.grad_clip.
+    # That norm sums over every group in turn: the groups go in timm's order (no weight decay first,
+    # param_groups_weight_decay's), or the float32 sum rounds otherwise and the steps drift apart.
+    groups = sorted(groups, key=lambda group: group["weight_decay"] != 0)  # stable: lr_mult order kept
     return Lamb(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **_eps(o))
 
 

@@ -162,7 +162,7 @@ class TrainState:
         unwrap(self.model).load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"] or ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(groups_in_our_order(ckpt["optimizer"], self.optimizer))
         # The saved groups replace ours, flags included: an optimizer saved unfused (an older run,
         # another device) must still step the way this one was built to (timm's have no such flag).
         if "fused" in self.optimizer.defaults:
@@ -200,6 +200,18 @@ class TrainState:
 
 
 _COUNTERS = ("step", "epoch", "batch_in_epoch", "best_val_top1")
+
+
+def groups_in_our_order(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state saved with its groups in another order (LAMB's before its groups took timm's
+    order, no weight decay first) put in this optimizer's order; any other state as it is."""
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if [len(g["params"]) for g in saved["param_groups"]] == sizes:
+        return saved
+    reordered = sorted(saved["param_groups"], key=lambda group: group["weight_decay"] != 0)
+    if [len(g["params"]) for g in reordered] != sizes:
+        return saved  # torch's own error names the mismatch
+    return {**saved, "param_groups": reordered}
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool) -> None:

@@ -377,3 +377,21 @@ def test_ce_smooths_mixed_targets_as_timms_mixup_and_soft_target_cross_entropy(s
     torch.testing.assert_close(criterion(logits, mixed), timm_loss)
     one_hot = F.one_hot(labels, 10).float()
     torch.testing.assert_close(criterion(logits, labels), criterion(logits, one_hot))
+
+
+def test_a_lamb_state_saved_with_the_decayed_group_first_resumes():
+    """LAMB's groups take timm's order (no weight decay first); a state saved in the former order loads."""
+    from imagenet_ddp.state import groups_in_our_order
+
+    o = OptimConfig(name="lamb", weight_decay=0.02)
+    model = small_model()
+    groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias)
+    assert groups[0]["weight_decay"] > 0  # param_groups' own order: decayed first
+    old = build_optimizer(groups, o, 0.01, "cpu").__class__(groups, lr=0.01, weight_decay=o.weight_decay)
+    run_steps(model, old, [0.01])
+    new = build_optimizer(param_groups(model, o.weight_decay, o.wd_on_norm_and_bias), o, 0.01, "cpu")
+    assert new.param_groups[0]["weight_decay"] == 0
+    new.load_state_dict(groups_in_our_order(old.state_dict(), new))
+    for ours, theirs in zip(new.param_groups, reversed(old.param_groups), strict=True):
+        assert all(a is b for a, b in zip(ours["params"], theirs["params"], strict=True))
+        assert all(torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) for p in ours["params"])
