@@ -122,3 +122,19 @@ def test_every_relative_link_points_to_a_file(page):
         elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
             missing.append(f"{page}:{n}: {target} (no such heading)")
     assert not missing, "\n".join(missing)
+
+
+def test_the_docs_pages_are_reachable_from_the_readme():
+    readme = {(ROOT / t.split("#")[0]).resolve() for _, t in _links(ROOT / "README.md")}
+    unlinked = [p.name for p in DOCS.glob("*.md") if p.resolve() not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_the_docs_speak_to_users_not_to_the_tracker():
+    pages = [ROOT / "README.md", *DOCS.glob("*.md")]
+    found = [
+        f"{p.name}: {m}"
+        for p in pages
+        for m in re.findall(r"(?i)\bissue #\d+", p.read_text(encoding="utf-8"))
+    ]
+    assert not found, f"internal issue numbers in the docs: {found}"
