@@ -10,52 +10,17 @@ member tables, annotation files), never image data, so it is fast even for the 1
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from imagenet_ddp.errors import UserError
+from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
 from imagenet_ddp.sources.readers import read_bytes
 
 __all__ = ["DATASETS", "Listing", "SourceFile", "list_source", "read_bytes", "sample_key"]
 
 DATASETS = ("imagenet", "tiny-imagenet", "folder")
-
-
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    key: str  # sample key in the shards: unique within the split, no dots or slashes
-    wnid: str  # class id: a WordNet id for (Tiny) ImageNet, the folder name for generic folders
-    path: str  # where a person finds the file: a path, or archive/inner-archive/member
-    size: int  # bytes in the source
-    loc: tuple  # how read_bytes finds the bytes (see readers.py)
-
-
-@dataclass
-class Listing:
-    dataset: str
-    layout: str
-    src: str
-    classes: list[str]  # sorted class ids; position = class index, the same for every split
-    names: dict[str, str]  # class id -> English name
-    splits: dict[str, list[SourceFile]]
-    # Files named by the layout's annotations that cannot be packed (missing, unlabeled): never dropped
-    # silently, they go to the split's rejected.jsonl with this reason.
-    missing: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what was seen but deliberately not packed
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def sample_key(name: str) -> str:
-    """Key for a file name: its stem, with everything but letters, digits, '_' and '-' replaced.
-
-    webdataset and DALI split a member name at the first dot, so keys must not contain one."""
-    stem = Path(name).name
-    stem = stem[: stem.rfind(".")] if "." in stem else stem
-    return _UNSAFE.sub("_", stem)[:80] or "img"
 
 
 def _unique_keys(files: list[SourceFile]) -> list[SourceFile]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.sources import Listing, SourceFile, sample_key
+from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
 
 
 def _files(folder: Path, unreadable: list[tuple[str, str]]) -> list[SourceFile]:

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.sources import Listing, SourceFile, sample_key
+from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.sources import Listing, SourceFile, sample_key
+from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
 
 ROOT = "tiny-imagenet-200"
 
