@@ -6,6 +6,10 @@
 `make_tracker` gives rank 0 a Tracker and every other rank a NullTracker with the same methods doing
 nothing, so the training loop never asks which rank it is on.
 
+A Tracker hands each call to the part that does that job: `Console` (progress bar, step and epoch
+lines), `RunFiles` (metrics.jsonl, status.json, config.yaml, config-changes.jsonl in run.dir) and
+`WandbRun` (the W&B run, if any).
+
 W&B never hangs and never stops training: without an API key it logs offline at once; with a key but
 no network the online init gives up after `logging.wandb_init_timeout` s and it logs offline; if even
 that fails, training goes on without W&B. Each case is said in one line. A resumed run continues the
@@ -68,33 +72,85 @@ class NullTracker:
         pass
 
 
-class Tracker(NullTracker):
-    def __init__(
-        self,
-        cfg: Config,
-        resume_step: int | None = None,
-        wandb_run_id: str | None = None,
-        facts: dict | None = None,
-    ):
+class Console:
+    """The console: a progress bar on a terminal, a line every log_every steps elsewhere, one line
+    per epoch."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.bar = None
+        self.tty = sys.stdout.isatty()
+        self.epoch = 0
+
+    def info(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        if self.tty:  # a bar redrawn in place is noise in a SLURM log file: lines at log_every there
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=steps,
+                initial=done,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.epoch = epoch
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        loss, lr, rate = metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"]
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.3g} {rate:.0f} img/s", refresh=False)
+        else:
+            print(
+                f"epoch {self.epoch + 1}/{self.epochs} step {step}: loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s",
+                flush=True,  # a SLURM log shows progress as it happens
+            )
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def log_epoch(self, metrics: dict) -> None:
+        val = (
+            f" | val top-1 {metrics['val_top1']:.2%} top-5 {metrics['val_top5']:.2%}"
+            if "val_top1" in metrics
+            else ""
+        )
+        self.info(
+            f"epoch {metrics['epoch']}/{self.epochs} step {metrics['step']}: train loss {metrics['train_loss']:.4f} "
+            f"top-1 {metrics['train_top1']:.2%}{val} | {metrics['images_per_sec']:.0f} img/s, "
+            f"{metrics['epoch_seconds']:.1f} s"
+        )
+
+
+class RunFiles:
+    """What the run writes in run.dir: metrics.jsonl, status.json, config.yaml, config-changes.jsonl."""
+
+    def __init__(self, cfg: Config, resume_step: int | None = None):
         self.cfg = cfg
         self.dir = Path(cfg.run.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self._trim_metrics(resume_step or 0)
-        done = self._records()
+        done = self.records()
         self._last = done[-1] if done else {"epoch": 0, "step": 0, "images_seen": 0}  # metrics.jsonl's end
         # Wall-clock hours of all sessions so far (validation, saves and the part of an epoch a stop
         # cut short included; waits in a queue not): kept in status.json across requeues.
         self.hours, self._mark = self._previous_hours(), time.time()
-        self.bar = None
-        self.tty = sys.stdout.isatty()
         self.epochs = cfg.train.epochs
         self.step = resume_step or 0
-        self._status("running")
-        self.wandb = _init_wandb(cfg, wandb_run_id, self.info, facts or {}) if cfg.logging.wandb else None
-        self.wandb_run_id = self.wandb.id if self.wandb else wandb_run_id
 
-    def _records(self) -> list[dict]:
+    def records(self) -> list[dict]:
         return read_metrics(self.metrics_path)
 
     def _previous_hours(self) -> float:
@@ -108,7 +164,7 @@ class Tracker(NullTracker):
         self.hours, self._mark = self.hours + (now - self._mark) / 3600, now
         return self.hours
 
-    def _status(self, state: str) -> None:
+    def status(self, state: str) -> None:
         """run.dir/status.json: running, finished, stopped (for a requeue) or crashed, and where."""
         status = {
             "state": state,
@@ -136,12 +192,6 @@ class Tracker(NullTracker):
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.metrics_path)
 
-    def info(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
     def write_config(self, text: str, keep: bool = False) -> None:
         """The resolved config as run.dir/config.yaml, atomically; `keep`: an existing one stays (a
         resumed run keeps the record of how it started; changes go to config-changes.jsonl)."""
@@ -162,44 +212,12 @@ class Tracker(NullTracker):
         with open(self.dir / "config-changes.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
-        if self.tty:  # a bar redrawn in place is noise in a SLURM log file: lines at log_every there
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=steps,
-                initial=done,
-                desc=f"epoch {epoch + 1}/{self.epochs}",
-                unit="step",
-                dynamic_ncols=True,
-            )
-        self.epoch, self.steps = epoch, steps
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def log_step(self, step: int, metrics: dict) -> None:
-        loss, lr, rate = metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"]
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.3g} {rate:.0f} img/s", refresh=False)
-        else:
-            print(
-                f"epoch {self.epoch + 1}/{self.epochs} step {step}: loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s",
-                flush=True,  # a SLURM log shows progress as it happens
-            )
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
+    def heartbeat(self, step: int) -> None:
         self.step = step
-        self._status("running")  # a heartbeat: `runs compare` tells a live run from a killed one
+        self.status("running")  # `runs compare` tells a live run from a killed one
 
-    def end_epoch(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def log_epoch(self, metrics: dict) -> None:
-        """One line of metrics.jsonl (`epoch` counts completed epochs from 1), the console, W&B."""
+    def log_epoch(self, metrics: dict) -> dict:
+        """Append one line to metrics.jsonl (`epoch` counts completed epochs from 1); returns it."""
         before = self._last
         # Per step at this session's global batch: a run resumed on another world size counts right.
         seen = (
@@ -216,49 +234,111 @@ class Tracker(NullTracker):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._last, self.step = record, metrics["step"]
-        self._status("running")
-        val = (
-            f" | val top-1 {metrics['val_top1']:.2%} top-5 {metrics['val_top5']:.2%}"
-            if "val_top1" in metrics
-            else ""
-        )
-        self.info(
-            f"epoch {metrics['epoch']}/{self.epochs} step {metrics['step']}: train loss {metrics['train_loss']:.4f} "
-            f"top-1 {metrics['train_top1']:.2%}{val} | {metrics['images_per_sec']:.0f} img/s, "
-            f"{metrics['epoch_seconds']:.1f} s"
-        )
-        if self.wandb:
+        self.status("running")
+        return record
+
+
+class WandbRun:
+    """The W&B run, or nothing when W&B is off or could not start: every method is then a no-op."""
+
+    def __init__(self, cfg: Config, run_id: str | None, say, facts: dict):
+        self.cfg, self.say = cfg, say
+        self.run = _init_wandb(cfg, run_id, say, facts) if cfg.logging.wandb else None
+
+    @property
+    def id(self) -> str | None:
+        return self.run.id if self.run else None
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        if self.run:
+            self.run.log(metrics, step=step)
+
+    def log_epoch(self, record: dict) -> None:
+        if self.run:
             logged = {k: v for k, v in record.items() if k not in ("step", "time")}
-            self.wandb.log({f"epoch/{k}": v for k, v in logged.items()}, step=metrics["step"])
+            self.run.log({f"epoch/{k}": v for k, v in logged.items()}, step=record["step"])
+
+    def close(self, metrics_path: Path, preempted: bool = False, failed: bool = False) -> None:
+        """The summary (best and last of SUMMARY_METRICS from metrics_path), the best checkpoint, then
+        finish; each step that fails says why and the next still runs."""
+        if not self.run:
+            return
+        run, self.run = self.run, None
+        # W&B never stops the run, nor turns a requeue into a crash: each step says why it failed.
+        try:
+            records = read_metrics(metrics_path)
+            for key in SUMMARY_METRICS:
+                values = [r[key] for r in records if key in r]
+                if values:
+                    run.summary[f"best/{key}"], run.summary[f"final/{key}"] = max(values), values[-1]
+            best = Path(self.cfg.run.dir) / "best.pt"
+            if self.cfg.logging.wandb_checkpoints and not failed and best.exists():
+                _log_checkpoint(run, best)
+            if preempted:
+                run.mark_preempting()
+        except Exception as e:
+            self.say(f"W&B: could not record the run's summary or checkpoint ({type(e).__name__}: {e})")
+        offline = run.settings.mode == "offline"
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as e:
+            self.say(f"W&B: could not finish the run ({type(e).__name__}: {e})")
+        if offline:
+            self.say(
+                f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
+            )
+
+
+class Tracker(NullTracker):
+    """Rank 0's tracker: each call goes to the console, the run's files and W&B, in that order."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resume_step: int | None = None,
+        wandb_run_id: str | None = None,
+        facts: dict | None = None,
+    ):
+        self.cfg = cfg
+        self.files = RunFiles(cfg, resume_step)
+        self.console = Console(cfg.train.epochs)
+        self.files.status("running")
+        self.wandb = WandbRun(cfg, wandb_run_id, self.info, facts or {})
+        self.wandb_run_id = self.wandb.id or wandb_run_id
+
+    def info(self, message: str) -> None:
+        self.console.info(message)
+
+    def write_config(self, text: str, keep: bool = False) -> None:
+        self.files.write_config(text, keep)
+
+    def record_changes(self, changes: dict, step: int, epoch: int) -> None:
+        self.files.record_changes(changes, step, epoch)
+
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        self.console.start_epoch(epoch, steps, done)
+
+    def advance(self) -> None:
+        self.console.advance()
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        self.console.log_step(step, metrics)
+        self.wandb.log_step(step, metrics)
+        self.files.heartbeat(step)
+
+    def end_epoch(self) -> None:
+        self.console.end_epoch()
+
+    def log_epoch(self, metrics: dict) -> None:
+        """One line of metrics.jsonl (`epoch` counts completed epochs from 1), the console, W&B."""
+        record = self.files.log_epoch(metrics)
+        self.console.log_epoch(metrics)
+        self.wandb.log_epoch(record)
 
     def close(self, preempted: bool = False, failed: bool = False) -> None:
-        self.end_epoch()
-        self._status("crashed" if failed else "stopped" if preempted else "finished")
-        if self.wandb:
-            run, self.wandb = self.wandb, None
-            # W&B never stops the run, nor turns a requeue into a crash: each step says why it failed.
-            try:
-                records = self._records()
-                for key in SUMMARY_METRICS:
-                    values = [r[key] for r in records if key in r]
-                    if values:
-                        run.summary[f"best/{key}"], run.summary[f"final/{key}"] = max(values), values[-1]
-                best = self.dir / "best.pt"
-                if self.cfg.logging.wandb_checkpoints and not failed and best.exists():
-                    _log_checkpoint(run, best)
-                if preempted:
-                    run.mark_preempting()
-            except Exception as e:
-                self.info(f"W&B: could not record the run's summary or checkpoint ({type(e).__name__}: {e})")
-            offline = run.settings.mode == "offline"
-            try:
-                run.finish(exit_code=1 if failed else 0)
-            except Exception as e:
-                self.info(f"W&B: could not finish the run ({type(e).__name__}: {e})")
-            if offline:
-                self.info(
-                    f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
-                )
+        self.console.end_epoch()
+        self.files.status("crashed" if failed else "stopped" if preempted else "finished")
+        self.wandb.close(self.files.metrics_path, preempted, failed)
 
 
 def read_metrics(path: Path) -> list[dict]:
