@@ -377,8 +377,18 @@ def _intact_records(out: Path, manifest: dict, plan: dict[str, list], damaged: d
 _counter = None
 
 
+def default_signals() -> None:
+    """In a forked pool worker: SIGTERM and SIGINT back to their defaults. A handler the parent set (a
+    training run's save-and-stop) would otherwise keep the worker alive when the pool terminates it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _init_worker(counter) -> None:
     global _counter
+    default_signals()
     _counter = counter
 
 

@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 from imagenet_ddp.imagecheck import check_jpeg
-from imagenet_ddp.shards import INDEX_VERSION, file_sha256
+from imagenet_ddp.shards import INDEX_VERSION, default_signals, file_sha256
 
 EXTS = ("jpg", "cls", "json")
 
@@ -162,7 +162,7 @@ def verify_splits(
             problems.append(f"{manifest_path}: num_samples differs from the sum over its shards")
         jobs += [(d, s, classes) for s in shards]
     if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, default_signals) as pool:
             results = pool.starmap(verify_shard, jobs, chunksize=1)
     else:
         results = [verify_shard(*job) for job in jobs]
