@@ -45,7 +45,7 @@ _READS = {
     "item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero",
     "equal", "unique", "masked_select", "argwhere", "__format__", "__repr__",
 }  # fmt: skip
-_FROM_DATA = {"tensor", "as_tensor", "new_tensor", "from_numpy", "asarray"}
+_FROM_DATA = {"tensor", "as_tensor", "new_tensor", "asarray"}  # the constructors that take device=
 _INTO = {"__setitem__", "copy_", "index_put_", "index_put", "masked_scatter_"}
 
 
