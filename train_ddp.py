@@ -21,6 +21,8 @@ import sys
 
 from imagenet_ddp.errors import ArgumentParser, UserError
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 def parse_args(argv):
     p = ArgumentParser(
@@ -39,8 +41,15 @@ def main(argv=None) -> int:
     # SLURM may signal before the stop handler exists (importing torch takes seconds): remember the
     # signal instead of dying of it, and stop at the first step boundary.
     early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: early.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        return _main(argv, early)
+    finally:  # called in-process (tests, notebooks): the caller's handlers come back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv, early: list[int]) -> int:
     args = parse_args(argv)
     prefix = "train_ddp.py: error:"
     try:

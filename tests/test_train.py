@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -377,7 +378,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_a_single_process_run_on_synthetic_data_writes_metrics_config_and_checkpoints(shards, tmp_path):
     run = tmp_path / "run"
     args = small_run(shards, run, "data.backend=synthetic", "train.epochs=2", "run.keep_last=1")
+    handlers = {sig: signal.getsignal(sig) for sig in train_ddp.STOP_SIGNALS}
     assert train_ddp.main(args) == 0
+    # An in-process run gives the caller's stop handlers back (a kept one made SIGTERM a no-op, and
+    # processes forked later, such as a packing pool, could no longer be terminated).
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     metrics = read_metrics(run)
     steps = 96 // 8
     assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [steps, 2 * steps]
