@@ -83,6 +83,11 @@ def parse_args(argv):
         s.add_argument(
             "--workers", type=_positive, default=_default_workers(), help="processes (default: CPUs)"
         )
+        if dataset == "imagenet":
+            s.add_argument("--real-labels", metavar="REAL_JSON", help="store ReaL labels with the val split")
+    r = sub.add_parser("real-labels", help="store ReaL labels (real.json) with packed ImageNet val splits")
+    r.add_argument("--real", required=True, metavar="REAL_JSON", help="ReaL's real.json")
+    r.add_argument("splits", nargs="+", help="packed val split folders, e.g. shards/imagenet/val")
     v = sub.add_parser("verify", help="re-check shard splits against their manifests")
     v.add_argument("splits", nargs="+", help="split folders, e.g. shards/imagenet/train")
     v.add_argument("--workers", type=_positive, default=_default_workers())
@@ -121,6 +126,13 @@ def pack(args) -> int:
     )
     for note in listing.notes:
         print(f"note: {note}")
+    real = getattr(args, "real_labels", None)
+    if real:
+        from imagenet_ddp.evalsets import load_real_json
+
+        if "val" not in listing.splits:
+            raise UserError(f"--real-labels: no val split in {args.src} to label")
+        load_real_json(real)  # a malformed file stops the run before hours of packing
     opts = PackOptions(args.shard_size, args.shard_bytes, args.max_side, args.quality, args.seed, args.check)
     for split in listing.splits:
         r = pack_split(listing, split, out, opts, args.workers)
@@ -138,7 +150,20 @@ def pack(args) -> int:
             f"{f' (see {r.out}/rejected.jsonl)' if r.num_rejected else ''}, {r.bytes / 1e6:.1f} MB, "
             f"{r.seconds:.1f} s, {rate:.0f} img/s, {r.bytes / 1e6 / max(r.seconds, 1e-9):.1f} MB/s"
         )
+    if real:
+        attach_real(out / "val", real)
     return 0
+
+
+def attach_real(split_dir: Path, real_json: str) -> None:
+    from imagenet_ddp.evalsets import attach_real_labels
+
+    r = attach_real_labels(split_dir, real_json)
+    print(
+        f"{split_dir}: ReaL labels for {r['num_samples']} images ({r['num_labelled']} with a ReaL set, "
+        f"{r['num_samples'] - r['num_labelled']} left out of ReaL accuracy) in {split_dir / r['file']}"
+        + (f"; {r['dropped']} labels name classes this split lacks" if r["dropped"] else "")
+    )
 
 
 def verify(args) -> int:
@@ -158,6 +183,10 @@ def verify(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "real-labels":
+            for split_dir in args.splits:
+                attach_real(Path(split_dir), args.real)
+            return 0
         return verify(args) if args.command == "verify" else pack(args)
     except UserError as e:
         print(f"make_shards.py: error: {e}", file=sys.stderr)
@@ -166,7 +195,11 @@ def main(argv=None) -> int:
         print("make_shards.py: interrupted; re-run the same command to finish", file=sys.stderr)
         return 130
     except Exception:  # a bug or an environment problem: the traceback follows this line
-        what = f"verifying {', '.join(args.splits)}" if args.command == "verify" else f"packing {args.src}"
+        what = (
+            f"packing {args.src}"
+            if hasattr(args, "src") and args.command != "verify"
+            else (f"{args.command} on {', '.join(args.splits)}")
+        )
         print(f"make_shards.py: unexpected error while {what} (traceback below)", file=sys.stderr)
         raise
 

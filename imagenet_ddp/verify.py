@@ -5,7 +5,9 @@
 Checks per shard: size and sha256 against the manifest, the tar reads to its end with only regular
 `<key>.{jpg,cls,json}` members, the sample count, the DALI index equals the members' real offsets, every
 jpg decodes as a baseline RGB JPEG, every cls is a class index agreeing with the json's wnid. Across the
-split: keys are unique, totals match, no stray shard files; across splits: the same class list.
+split: keys are unique, totals match, no stray shard files; across splits packed from one source: the
+same class list; a ReaL side file (evalsets.py): its sha256, its keys in the shards' order, its class
+indices.
 
 With `--against-source` (`check_source=True`) the split's source is listed again (the dataset and
 path recorded in the manifest, or `--src`): every source file must be in the shards or in
@@ -18,6 +20,7 @@ import json
 import tarfile
 from pathlib import Path
 
+from imagenet_ddp.evalsets import check_real_labels
 from imagenet_ddp.imagecheck import check_jpeg
 from imagenet_ddp.shards import INDEX_VERSION, default_signals, file_sha256
 
@@ -167,17 +170,27 @@ def verify_splits(
     else:
         results = [verify_shard(*job) for job in jobs]
     keys: dict[str, dict[str, str]] = {}
+    order: dict[str, list[str]] = {d: [] for d in manifests}  # keys in canonical order, for ReaL
     packed: dict[str, list[str]] = {d: [] for d in manifests}
     for (d, entry, _), (shard_problems, shard_keys, sources) in zip(jobs, results, strict=True):
         problems += shard_problems
         packed[d] += sources
         seen = keys.setdefault(d, {})
+        order[d] += shard_keys
         for key in shard_keys:
             if key in seen:
                 problems.append(f"{Path(d) / entry['file']}: key {key} also in {seen[key]}")
             seen[key] = entry["file"]
-    if len({json.dumps(c) for c in class_lists.values()}) > 1:
-        problems.append(f"class lists differ between {', '.join(class_lists)}")
+    # Splits packed from one source (train and val) share one class list; evaluation sets need not.
+    by_source: dict[tuple, dict[str, list]] = {}
+    for d, manifest in manifests.items():
+        source = (manifest.get("dataset"), json.dumps(manifest.get("source")))
+        by_source.setdefault(source, {})[d] = class_lists[d]
+    for group in by_source.values():
+        if len({json.dumps(c) for c in group.values()}) > 1:
+            problems.append(f"class lists differ between {', '.join(group)}")
+    for d, manifest in manifests.items():
+        problems += check_real_labels(Path(d), manifest, order[d])
     if check_source:
         for d, manifest in manifests.items():
             problems += _check_against_source(Path(d), manifest, packed[d], src)
