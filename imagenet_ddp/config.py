@@ -106,6 +106,9 @@ class OptimConfig:
     warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
     warmup_start_factor: float = 0.1  # the LR at step 0, as a fraction of the scaled lr
     min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
+    # cosine, linear: the decay spans the whole run and warmup replaces its start (timm's cosine with
+    # warmup_prefix=False); false: it spans the steps after warmup
+    warmup_overlaps_decay: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb
     eps: float | None = None  # lamb, rmsprop_tf; None: the library's default
     rmsprop_alpha: float = 0.9  # rmsprop_tf: decay of the squared-gradient average

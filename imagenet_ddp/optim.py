@@ -153,12 +153,20 @@ def lr_at(
     warmup_steps: int,
     warmup_start_factor: float = 0.1,
     min_lr_factor: float = 0.0,
+    warmup_overlaps_decay: bool = False,
 ) -> float:
-    """Linear warmup from warmup_start_factor * base_lr, then cosine down to min_lr_factor * base_lr."""
+    """Linear warmup from warmup_start_factor * base_lr, then cosine down to min_lr_factor * base_lr.
+    The cosine spans the steps after warmup; with warmup_overlaps_decay it spans the whole run and the
+    warmup stands in for its first steps (timm's CosineLRScheduler, warmup_prefix=False)."""
     if step < warmup_steps:
         return _warmup(step, base_lr, warmup_steps, warmup_start_factor)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = _decay_progress(step, total_steps, warmup_steps, warmup_overlaps_decay)
     return base_lr * (min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _decay_progress(step: int, total_steps: int, warmup_steps: int, warmup_overlaps_decay: bool) -> float:
+    start = 0 if warmup_overlaps_decay else warmup_steps
+    return min(1.0, (step - start) / max(1, total_steps - start))
 
 
 def linear_lr_at(
@@ -169,13 +177,14 @@ def linear_lr_at(
     warmup_steps: int,
     warmup_start_factor: float = 0.1,
     min_lr_factor: float = 0.0,
+    warmup_overlaps_decay: bool = False,
 ) -> float:
     """Linear warmup, then linear down to min_lr_factor * base_lr at the last step: FFCV's triangular
     schedule, np.interp(epoch, [0, warmup_epochs, epochs], [start * lr, lr, min * lr]) at the step's
     fractional epoch (FFCV interpolates within each epoch between the values at its two ends)."""
     if step < warmup_steps:
         return _warmup(step, base_lr, warmup_steps, warmup_start_factor)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = _decay_progress(step, total_steps, warmup_steps, warmup_overlaps_decay)
     return base_lr * (1 - (1 - min_lr_factor) * progress)
 
 
@@ -213,6 +222,7 @@ def _decay_to_min(shape: Callable[..., float]) -> Callable[[Config], Callable[[i
             warmup_steps=d.warmup_steps,
             warmup_start_factor=o.warmup_start_factor,
             min_lr_factor=o.min_lr_factor,
+            warmup_overlaps_decay=o.warmup_overlaps_decay,
         )
 
     return build

@@ -160,6 +160,59 @@ def test_the_step_schedule_with_whole_step_epochs_is_also_timms_per_update_sched
         assert schedule(step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
 
 
+def timm_cosine(optimizer, d, epochs, warmup, **per_update):
+    schedule, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=epochs,
+        min_lr=0.01 * d.lr,
+        warmup_lr=0.05 * d.lr,
+        warmup_epochs=warmup,
+        cooldown_epochs=0,
+        **per_update,
+    )
+    return schedule
+
+
+@pytest.mark.parametrize("overlaps", [True, False], ids=["overlapping", "after-warmup"])
+def test_a_cosine_overlapping_warmup_is_timms_cosine_scheduler_per_epoch_and_per_update(overlaps):
+    """timm's CosineLRScheduler (warmup_prefix=False, as timm's train.py, DeiT and the RSB recipes use
+    it) runs its cosine over the whole run, warmup standing in for its first epochs: with
+    optim.warmup_overlaps_decay ours is its per-update schedule at every step and its per-epoch one
+    at each epoch's first step. The cosine after warmup (the default) is not (negative control)."""
+    epochs, warmup = 20, 3
+    cfg = resolved(
+        [
+            f"train.epochs={epochs}",
+            f"optim.warmup_epochs={warmup}",
+            "optim.warmup_start_factor=0.05",
+            "optim.min_lr_factor=0.01",
+            f"optim.warmup_overlaps_decay={str(overlaps).lower()}",
+        ]
+    )
+    d, spe = cfg.derived, cfg.derived.steps_per_epoch
+    schedule = lr_schedule(cfg)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=d.lr)
+    per_epoch = timm_cosine(optimizer, d, epochs, warmup)
+    timm_epochs = []
+    for epoch in range(epochs):
+        per_epoch.step(epoch)
+        timm_epochs.append(optimizer.param_groups[0]["lr"])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=d.lr)
+    per_update = timm_cosine(optimizer, d, epochs, warmup, step_on_epochs=False, updates_per_epoch=spe)
+    timm_steps = []
+    for step in range(d.total_steps):
+        per_update.step_update(step)
+        timm_steps.append(optimizer.param_groups[0]["lr"])
+    ours = [schedule(step) for step in range(d.total_steps)]
+    same_steps = ours == pytest.approx(timm_steps, rel=1e-12)
+    same_epochs = ours[::spe] == pytest.approx(timm_epochs, rel=1e-12)
+    assert same_steps is overlaps and same_epochs is overlaps
+    assert ours[: warmup * spe] == pytest.approx(timm_steps[: warmup * spe], rel=1e-12)  # warmup: the same
+    if not overlaps:  # after warmup ours is higher: the cosine starts later
+        assert all(a > b for a, b in zip(ours[warmup * spe : -1], timm_steps[warmup * spe : -1], strict=True))
+
+
 # ------------------------------------------------------------------------------------------ optimizers
 
 
