@@ -32,6 +32,7 @@ from imagenet_ddp import __version__
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.imagecheck import Rejected, prepare
 from imagenet_ddp.sources import Listing, SourceFile, read_bytes
+from imagenet_ddp.sources.readers import read_in_order
 
 FORMAT = "imagenet-ddp-shards/1"
 INDEX_VERSION = "v1.2"
@@ -139,19 +140,23 @@ def write_shard(job: dict, progress: Callable[[int], None] = lambda n: None) -> 
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
     tmp_tar = out / f".{name}.tar.tmp-{os.getpid()}"
     index_lines, rejected = [], []
+    ahead = read_in_order([f.loc for f in job["files"]])  # members of a .tar.gz: one forward pass
     with open(tmp_tar, "wb") as raw:
         tar = _TarWriter(raw)
         for f in job["files"]:
             try:
-                img = prepare(
-                    read_bytes(f.loc), max_side=opts.max_side, quality=opts.quality, check=opts.check
-                )
+                data = ahead.pop(f.loc) if f.loc in ahead else read_bytes(f.loc)
+                if isinstance(data, OSError):
+                    raise data
+                img = prepare(data, max_side=opts.max_side, quality=opts.quality, check=opts.check)
             except Rejected as e:
                 rejected.append({"source": f.path, "wnid": f.wnid, "reason": str(e)})
                 progress(1)
                 continue
             except OSError as e:  # e.g. no read permission on a shared filesystem: said, never skipped
-                rejected.append({"source": f.path, "wnid": f.wnid, "reason": f"{UNREADABLE}{e.strerror}"})
+                rejected.append(
+                    {"source": f.path, "wnid": f.wnid, "reason": f"{UNREADABLE}{e.strerror or e}"}
+                )
                 progress(1)
                 continue
             meta = {"wnid": f.wnid, "source": f.path, "width": img.width, "height": img.height}
@@ -303,6 +308,7 @@ def pack_split(
     )
     manifest = {
         **{k: header[k] for k in ("dataset", "split")},
+        **listing.info.get(split, {}),  # what an evaluation set's split is: variant, label space, corruption
         "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_rejected": len(rejected),

@@ -9,10 +9,12 @@ import json
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import make_shards
 from imagenet_ddp.evalsets import imagenet_wnids, label_space, read_real_labels
@@ -153,3 +155,186 @@ def test_real_labels_as_a_separate_step_and_bad_real_json(real_val, tmp_path, ca
     capsys.readouterr()
     assert make_shards.main(["real-labels", "--real", str(bad), str(copy)]) == 2
     assert "entry 1 (ILSVRC2012_val_00000002)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+V2_CLASSES = list(range(12)) + [100, 999]  # folders 0..11: string order ("10" < "2") differs
+
+
+def check_split(split_dir: Path, truth: dict[str, str]) -> list[dict]:
+    """Every sample arrives once with the layout's label; GNU tar lists the shards; verify passes.
+    `truth`: source path -> wnid, by the layout's own definition."""
+    m = manifest(split_dir)
+    samples = read_webdataset(split_dir)
+    assert sorted(s["meta"]["source"] for s in samples) == sorted(truth)
+    for s in samples:
+        assert m["classes"][s["cls"]] == s["meta"]["wnid"] == truth[s["meta"]["source"]]
+    assert len(gnu_tar_members(split_dir)) == 3 * len(samples)
+    verify(split_dir)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    """ImageNet-V2 as published: matched-frequency as its .tar.gz, top-images extracted."""
+    root = tmp_path_factory.mktemp("v2")
+    rng = np.random.default_rng(1)
+    images = {}
+    for i in V2_CLASSES:
+        for _ in range(2):
+            images[f"{i}/{rng.bytes(8).hex()}.jpeg"] = _jpeg(rng)
+    _tar(
+        root / "imagenetv2-matched-frequency.tar.gz",
+        {f"imagenetv2-matched-frequency-format-val/{k}": v for k, v in images.items()},
+        "w:gz",
+    )
+    _write(root / "imagenetv2-top-images-format-val", images)
+    out = root / "shards"
+    pack("imagenet-v2", root / "imagenetv2-matched-frequency.tar.gz", out)
+    pack("imagenet-v2", root / "imagenetv2-top-images-format-val", out)
+    return root, out, images
+
+
+def _v2_truth(prefix: str, images: dict) -> dict[str, str]:
+    return {f"{prefix}/{rel}": WNIDS[int(rel.split("/")[0])] for rel in images}
+
+
+def test_v2_folder_is_the_class_index_in_sorted_wnid_order(v2):
+    root, out, images = v2
+    archive = root / "imagenetv2-matched-frequency.tar.gz"
+    mf = out / "matched-frequency"
+    check_split(mf, _v2_truth(f"{archive}/imagenetv2-matched-frequency-format-val", images))
+    top = out / "top-images"
+    check_split(top, _v2_truth(str(root / "imagenetv2-top-images-format-val"), images))
+    for split_dir, variant in ((mf, "matched-frequency"), (top, "top-images")):
+        m = manifest(split_dir)
+        assert (m["variant"], m["label_space"], m["classes"]) == (variant, "imagenet-1k", list(WNIDS))
+        assert label_space(m).imagenet_indices == list(range(1000))
+    assert len(manifest(mf)["shards"]) == 4  # .tar.gz members read across several shards
+
+
+def test_v2_string_sorted_folders_give_other_labels(v2, tmp_path):
+    """The negative control: the generic folder packer (ImageFolder's rule, folder names sorted as
+    strings) labels the same V2 tree differently."""
+    root, out, images = v2
+    _write(tmp_path / "tree" / "val", images)
+    pack("folder", tmp_path / "tree", tmp_path / "shards")
+    generic = {Path(s["meta"]["source"]).name: s["cls"] for s in read_webdataset(tmp_path / "shards" / "val")}
+    ours = {
+        Path(s["meta"]["source"]).name: WNIDS.index(s["meta"]["wnid"])
+        for s in read_webdataset(out / "top-images")
+    }
+    assert generic.keys() == ours.keys()
+    wrong = [name for name in ours if generic[name] != ours[name]]
+    assert len(wrong) > len(ours) // 2, "string order must disagree for most folders here"
+
+
+@pytest.fixture(scope="module")
+def robustness(tmp_path_factory):
+    """ImageNet-R extracted, ImageNet-A as its .tar (with README.txt), ImageNet-Sketch as its .zip
+    with a PNG named .JPEG, a grayscale JPEG and a file that is no image."""
+    root = tmp_path_factory.mktemp("robust")
+    rng = np.random.default_rng(2)
+    subset = [WNIDS[i] for i in (1, 4, 6, 300, 998)]
+    r = {f"imagenet-r/{w}/art_{j}.jpg": _jpeg(rng) for w in subset for j in range(2)}
+    _write(root, r)
+    a = {f"imagenet-a/{w}/{j:04d}.jpg": _jpeg(rng) for w in subset[:3] for j in range(3)}
+    _tar(root / "imagenet-a.tar", {**a, "imagenet-a/README.txt": b"ImageNet-A: 200 classes\n"})
+    kinds = ["png", "gray", "garbage", "ok", "ok", "ok"]
+    sketch = {
+        f"sketch/{w}/sketch_{j}.JPEG": _jpeg(rng, kinds[(i + j) % 6])
+        for i, w in enumerate(subset)
+        for j in range(2)
+    }
+    with zipfile.ZipFile(root / "ImageNet-Sketch.zip", "w") as zf:
+        for name, data in sketch.items():
+            zf.writestr(name, data)
+    out = root / "shards"
+    pack("imagenet-r", root / "imagenet-r", out / "imagenet-r")
+    pack("imagenet-a", root / "imagenet-a.tar", out / "imagenet-a")
+    pack("imagenet-sketch", root / "ImageNet-Sketch.zip", out / "imagenet-sketch")
+    return root, out, subset, r, a, sketch
+
+
+def test_r_and_a_record_their_class_subset(robustness):
+    root, out, subset, r, a, _ = robustness
+    check_split(out / "imagenet-r" / "val", {str(root / k): k.split("/")[1] for k in r})
+    archive = root / "imagenet-a.tar"
+    check_split(out / "imagenet-a" / "val", {f"{archive}/{k}": k.split("/")[1] for k in a})
+    m = manifest(out / "imagenet-r" / "val")
+    assert m["classes"] == sorted(subset) and m["label_space"] == "imagenet-1k-subset"
+    assert m["imagenet_indices"] == [1, 4, 6, 300, 998] == label_space(m).imagenet_indices
+    assert manifest(out / "imagenet-a" / "val")["imagenet_indices"] == [1, 4, 6]
+    assert (out / "imagenet-a" / "val" / "rejected.jsonl").read_text() == ""  # README.txt: noted only
+
+
+def test_sketch_converts_non_rgb_and_reports_the_rest(robustness):
+    root, out, _, _, _, sketch = robustness
+    archive = root / "ImageNet-Sketch.zip"
+    valid = {f"{archive}/{k}": k.split("/")[1] for k, v in sketch.items() if not v.startswith(b"\0")}
+    samples = check_split(out / "imagenet-sketch" / "val", valid)
+    for s in samples:
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert (img.format, img.mode) == ("JPEG", "RGB")
+    # PNG data named .JPEG and grayscale JPEGs, told apart by PIL from the source bytes
+    odd = {
+        f"{archive}/{k}"
+        for k, v in sketch.items()
+        if v[:1] != b"\0" and (v.startswith(b"\x89PNG") or Image.open(io.BytesIO(v)).mode != "RGB")
+    }
+    assert {s["meta"]["source"] for s in samples if "converted" in s["meta"]} == odd and len(odd) == 3
+    rejected = [
+        json.loads(line)
+        for line in (out / "imagenet-sketch" / "val" / "rejected.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["source"] for r in rejected) == sorted(
+        f"{archive}/{k}" for k, v in sketch.items() if v.startswith(b"\0")
+    )
+
+
+def test_imagenet_c_one_split_per_corruption_and_severity(tmp_path):
+    rng = np.random.default_rng(3)
+    classes = [WNIDS[i] for i in (2, 3, 500)]
+    tree = {}
+    for corruption in ("gaussian_noise", "fog"):
+        for severity in (1, 5):
+            for w in classes:
+                tree[f"{corruption}/{severity}/{w}/ILSVRC2012_val_{len(tree) + 1:08d}.JPEG"] = _jpeg(rng)
+    _write(tmp_path / "imagenet-c", tree)
+    out = tmp_path / "shards"
+    pack("imagenet-c", tmp_path / "imagenet-c", out)
+    splits = sorted(p.name for p in out.iterdir())
+    assert splits == ["fog-1", "fog-5", "gaussian_noise-1", "gaussian_noise-5"]
+    for split in splits:
+        corruption, severity = split.rsplit("-", 1)
+        truth = {
+            str(tmp_path / "imagenet-c" / k): k.split("/")[2]
+            for k in tree
+            if k.startswith(f"{corruption}/{severity}/")
+        }
+        check_split(out / split, truth)
+        m = manifest(out / split)
+        assert (m["corruption"], m["severity"], m["corruption_group"]) == (
+            corruption,
+            int(severity),
+            {"fog": "weather"}.get(corruption, "noise"),
+        )
+        assert m["classes"] == classes and m["imagenet_indices"] == [2, 3, 500]
+
+
+@pytest.mark.parametrize(
+    "dataset, files, message",
+    [
+        ("imagenet-v2", {"imagenetv2-top-images-format-val/1000/a.jpeg": b"x"}, "class folders are 0..999"),
+        ("imagenet-v2", {"my-v2/3/a.jpeg": b"x"}, "which ImageNet-V2 variant"),
+        ("imagenet-r", {"imagenet-r/n01440765/a.jpg": b"x"}, "did you mean n01440764"),
+        ("imagenet-c", {"gausian_noise/1/n01440764/a.JPEG": b"x"}, "did you mean gaussian_noise"),
+    ],
+)
+def test_a_wrong_layout_is_one_line_naming_it(dataset, files, message, tmp_path, capsys):
+    _write(tmp_path / "src", files)
+    src = tmp_path / "src" / next(iter(files)).split("/")[0]
+    assert make_shards.main([dataset, "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -18,9 +18,11 @@ from imagenet_ddp.errors import UserError
 from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
 from imagenet_ddp.sources.readers import read_bytes
 
+EVAL_SETS = ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "imagenet-c")
+
 __all__ = ["DATASETS", "Listing", "SourceFile", "list_source", "read_bytes", "sample_key"]
 
-DATASETS = ("imagenet", "tiny-imagenet", "folder")
+DATASETS = ("imagenet", "tiny-imagenet", "folder") + EVAL_SETS
 
 
 def _unique_keys(files: list[SourceFile]) -> list[SourceFile]:
@@ -54,6 +56,10 @@ def list_source(dataset: str, src: str | Path, splits: tuple[str, ...] | None = 
         from imagenet_ddp.sources.tiny import list_tiny_imagenet as lister
     elif dataset == "folder":
         from imagenet_ddp.sources.folder import list_folder as lister
+    elif dataset in EVAL_SETS:
+        from imagenet_ddp.sources import evalsets
+
+        lister = getattr(evalsets, f"list_{dataset.replace('-', '_')}")
     else:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     try:

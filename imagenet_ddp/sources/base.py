@@ -36,6 +36,9 @@ class Listing:
     # silently, they go to the split's rejected.jsonl with this reason.
     missing: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was seen but deliberately not packed
+    # Per split, fields its manifest carries beside the standard ones (ImageNet-V2's variant,
+    # ImageNet-C's corruption and severity, the label space of a class subset).
+    info: dict[str, dict] = field(default_factory=dict)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.sources.base import Listing, SourceFile, sample_key
+from imagenet_ddp.sources.readers import tar_members
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -49,48 +50,6 @@ def _standard_names(classes: list[str], fallback: dict[str, str]) -> dict[str, s
 
 
 # -- archives -------------------------------------------------------------------------------------------
-
-
-class _Window(io.RawIOBase):
-    """A read-only view of `length` bytes at `start` of an open file: lets tarfile list a nested tar."""
-
-    def __init__(self, f, start: int, length: int):
-        self.f, self.start, self.length, self.pos = f, start, length, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self.pos, 2: self.length}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def readinto(self, buf):
-        n = max(0, min(len(buf), self.length - self.pos))
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        buf[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def _tar_members(f, start: int, length: int, what: str):
-    """(name, absolute data offset, size) of the regular files of the tar at f[start:start+length]."""
-    try:
-        with tarfile.open(fileobj=_Window(f, start, length), mode="r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    if m.offset_data + m.size > length:
-                        raise UserError(f"{what} is truncated: member {m.name} ends past the file's end")
-                    yield m.name, start + m.offset_data, m.size
-    except (tarfile.TarError, EOFError) as e:
-        raise UserError(f"{what} is not a readable tar archive ({e})") from None
 
 
 def _read_devkit(path: Path) -> tuple[list[str], dict[str, str], list[int], dict[int, str]]:
@@ -131,13 +90,13 @@ def _list_archives(src: Path) -> Listing:
         files, inner_wnids = [], []
         with open(train_tar, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            for inner, start, length in list(_tar_members(f, 0, size, str(train_tar))):
+            for inner, start, length in list(tar_members(f, 0, size, str(train_tar))):
                 wnid = Path(inner).name.split(".")[0]
                 if not _WNID.match(wnid):
                     raise UserError(f"{train_tar}: member {inner} is not a <wnid>.tar class archive")
                 inner_wnids.append(wnid)
                 what = f"{train_tar}/{inner}"
-                for name, offset, n in _tar_members(f, start, length, what):
+                for name, offset, n in tar_members(f, start, length, what):
                     path = str(train_tar / inner / name)
                     files.append(
                         SourceFile(sample_key(name), wnid, path, n, ("range", str(train_tar), offset, n))
@@ -154,7 +113,7 @@ def _list_archives(src: Path) -> Listing:
             raise UserError(f"{val_tar} needs {DEVKIT} beside it: the validation labels are in the devkit")
         files, missing["val"] = [], []
         with open(val_tar, "rb") as f:
-            for name, offset, n in _tar_members(f, 0, os.fstat(f.fileno()).st_size, str(val_tar)):
+            for name, offset, n in tar_members(f, 0, os.fstat(f.fileno()).st_size, str(val_tar)):
                 number = _VAL_NUMBER.search(name)
                 path = str(val_tar / name)
                 if number is None or not 1 <= int(number.group(1)) <= len(val_ids):
