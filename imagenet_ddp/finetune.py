@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.models import EFFICIENTNETS, RESNETS
+from imagenet_ddp.models import adapter_for, skeleton
 from imagenet_ddp.shards import file_sha256
 
 TORCHVISION = "torchvision:"
@@ -34,23 +34,21 @@ DOWNLOAD_TIMEOUT_S = 30
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes in state_dicts saved wrapped
 
 
-def head_name(model_name: str) -> str:
+def head_name(model_name: str, model: nn.Module | None = None) -> str:
     """The classifier head's module: its Linear layer holds one row per class."""
-    return "fc" if model_name in RESNETS else "classifier.1"
+    return adapter_for(model_name).head_name(model if model is not None else _skeleton(model_name))
 
 
-def stages(model_name: str) -> list[str]:
-    """Freezable stages in forward order (model.freeze: up to and including one of them)."""
-    if model_name in RESNETS:
-        return ["stem", "layer1", "layer2", "layer3", "layer4"]
-    if model_name in EFFICIENTNETS:
-        depth = 8 if model_name == "efficientnet_v2_s" else 9  # features.0 .. features.N-1
-        return [f"features.{i}" for i in range(depth)]
-    raise UserError(f"no stages known for {model_name}")
+def stages(model_name: str, model: nn.Module | None = None) -> list[str]:
+    """Freezable stages (convnets) or blocks (ViTs) in forward order (model.freeze: up to and
+    including one of them); ResNets: stem, layer1..4."""
+    return adapter_for(model_name).freeze_points(model if model is not None else _skeleton(model_name))
 
 
-def check_freeze(model_name: str, freeze: str) -> None:
-    choices = ["none", "backbone", *stages(model_name)]
+def check_freeze(model_name: str, freeze: str, model: nn.Module | None = None) -> None:
+    if freeze in ("none", "backbone"):
+        return
+    choices = ["none", "backbone", *stages(model_name, model)]
     if freeze not in choices:
         raise UserError(f"model.freeze={freeze!r} is not one of {', '.join(choices)} for {model_name}")
 
@@ -58,24 +56,23 @@ def check_freeze(model_name: str, freeze: str) -> None:
 def freeze(model: nn.Module, model_name: str, upto: str) -> list[nn.Module]:
     """Stop training the stages up to `upto` ("backbone": all but the head). Returns their norm
     layers: the training loop keeps them in eval mode, so their running statistics stay as loaded."""
-    check_freeze(model_name, upto)
+    check_freeze(model_name, upto, model)
     if upto == "none":
         return []
-    if upto == "backbone":
-        head = head_name(model_name).split(".")[0]
-        frozen = [module for name, module in model.named_children() if name != head]
-    else:
-        names = stages(model_name)
-        frozen = [
-            module
-            for stage in names[: names.index(upto) + 1]
-            for module in ([model.conv1, model.bn1] if stage == "stem" else [model.get_submodule(stage)])
-        ]
-    norms = []
-    for module in frozen:
-        module.requires_grad_(False)
-        norms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return norms
+    frozen = set(adapter_for(model_name).freeze_modules(model, upto))
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and any(f"{name}.{p}" in frozen for p, _ in module.named_parameters(recurse=False))
+    ]
+
+
+def _skeleton(model_name: str) -> nn.Module:
+    return skeleton(name=model_name, num_classes=2)
 
 
 def read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None, str | None, str]:
@@ -112,7 +109,7 @@ def init_from(model: nn.Module, model_name: str, source: str, classes: list[str]
     weights, source_classes, source_name, digest = read_source(source)
     if source_name is not None and source_name != model_name:
         raise UserError(f"model.init_from {source} holds a {source_name}, not a {model_name} (model.name)")
-    head = head_name(model_name)
+    head = head_name(model_name, model)
     head_keys = {f"{head}.weight", f"{head}.bias"}
     target = model.state_dict()
     missing = [k for k in target if k not in weights and k not in head_keys]
