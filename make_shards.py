@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Pack ImageNet, Tiny ImageNet or an image folder tree into verified webdataset tar shards.
+"""Pack ImageNet, its evaluation sets, Tiny ImageNet or an image folder tree into verified webdataset tar shards.
 
-    python make_shards.py imagenet --src /data/imagenet --out shards/imagenet --workers 16
+    python make_shards.py imagenet --src /data/imagenet --out shards/imagenet --workers 16 [--real-labels real.json]
     python make_shards.py tiny-imagenet --src tiny-imagenet-200.zip --out shards/tiny
     python make_shards.py folder --src my_photos --out shards/photos --max-side 256 --quality 90
+    python make_shards.py imagenet-v2 --src imagenetv2-matched-frequency.tar.gz --out shards/imagenet-v2
+    python make_shards.py imagenet-r --src imagenet-r.tar     (also imagenet-a, imagenet-sketch, imagenet-c)
+    python make_shards.py real-labels --real real.json shards/imagenet/val
     python make_shards.py verify shards/imagenet/train shards/imagenet/val [--against-source]
 
 `imagenet` detects the original archives (ILSVRC2012_img_*.tar + devkit), the Kaggle layout or

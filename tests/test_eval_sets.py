@@ -338,3 +338,23 @@ def test_a_wrong_layout_is_one_line_naming_it(dataset, files, message, tmp_path,
     assert make_shards.main([dataset, "--src", str(src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_v2_layout_copy_of_val_gets_the_labels_of_val(real_val, tmp_path):
+    """The same images in ImageNet-V2's layout (folder = class index) and in ImageNet's (wnid folder)
+    get the same wnid; a source holding both an archive and a tree is refused (the images twice)."""
+    root, val, _, _ = real_val
+    copy = {}
+    for path in (root / "imagenet" / "val").rglob("*.JPEG"):
+        copy[f"imagenetv2-threshold0.7-format-val/{WNIDS.index(path.parent.name)}/{path.name}"] = (
+            path.read_bytes()
+        )
+    _write(tmp_path / "src", copy)
+    pack("imagenet-v2", tmp_path / "src", tmp_path / "shards")
+    as_val = {s["jpg"]: s["meta"]["wnid"] for s in read_webdataset(val)}
+    as_v2 = {s["jpg"]: s["meta"]["wnid"] for s in read_webdataset(tmp_path / "shards" / "threshold-0.7")}
+    assert as_v2 == as_val and len(as_val) == 20
+    (tmp_path / "src" / "imagenetv2-top-images.tar.gz").write_bytes(b"")
+    assert (
+        make_shards.main(["imagenet-v2", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
+    )
