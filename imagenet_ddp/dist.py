@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -198,6 +199,28 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def nodes() -> list[list[int]]:
+    """The global ranks of each node (one host, one torchrun or srun node), nodes in order of their first rank."""
+    me = (socket.gethostname(), os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID") or "0")
+    groups: dict = {}
+    for rank, node in enumerate(all_gather_object(me)):
+        groups.setdefault(tuple(node), []).append(rank)
+    return list(groups.values())
+
+
+def post_and_wait(name: str, value: str | None, senders: list[int], timeout_s: float) -> list[str]:
+    """`value` posted under `name` by each rank of `senders`; every rank waits for all of them and gets
+    their values. Through the group's store with its own timeout, not a collective's (run.timeout_s):
+    for waits longer than a step, such as copying a node's shards."""
+    if not _active() or _store is None:
+        return [value] if value is not None else []
+    if value is not None:
+        _store.set(f"imagenet-ddp/{name}/{dist.get_rank()}", value)
+    keys = [f"imagenet-ddp/{name}/{rank}" for rank in senders]
+    _store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    return [_store.get(key).decode() for key in keys]
 
 
 def broadcast_object(obj, src: int = 0):

@@ -9,6 +9,7 @@ into exit statuses; it calls `train(cfg, env, stop)`, which returns the exit sta
 from __future__ import annotations
 
 import math
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from typing import Any
 from imagenet_ddp import checkpoint as ck
 from imagenet_ddp.config import advice, dump_yaml, loader_config, resolve, run_changes, to_dict
 from imagenet_ddp.data import build_loader
-from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier
+from imagenet_ddp.data.stage import stage_node
+from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier, nodes, post_and_wait
 from imagenet_ddp.engine import evaluate, train_one_epoch
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.finetune import init_from
@@ -60,6 +62,10 @@ def train(cfg, env, stop) -> int:
     return finish(run, tracker, saver, start)
 
 
+# Copying a node's shards may take far longer than any collective: a crashed copier ends the job anyway.
+STAGE_TIMEOUT_S = 6 * 3600
+
+
 @dataclass
 class Run:
     """What the set-up made: the resolved config, the loaders, the model's state and what it resumes."""
@@ -89,6 +95,8 @@ def latest_checkpoint(cfg, ckpts) -> tuple[dict, Any] | None:
 def set_up(cfg, env, found) -> Run:
     seed_everything(cfg.train.seed, env.rank, cfg.train.deterministic)
     data = loader_config(cfg)
+    if data.stage_dir:
+        stage_shards(data, env, cfg.train.seed, range(found[0]["epoch"] if found else 0, cfg.train.epochs))
     where = {"rank": env.rank, "world_size": env.world_size, "device": env.device, "seed": cfg.train.seed}
     train_loader = build_loader(data, "train", **where)
     val_loader = build_loader(data, "val", train=False, **where)
@@ -107,6 +115,29 @@ def set_up(cfg, env, found) -> Run:
         changes = check_resume(cfg, arch, *found)
         state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
     return Run(cfg, env, data, train_loader, val_loader, arch, state, origin, ckpt, changes)
+
+
+def stage_shards(data, env, seed: int, epochs: range) -> None:
+    """data.stage_dir: the first process of each node copies the shards its node's ranks read in
+    `epochs` (data/stage.py); every process waits for every node, as long as copying takes."""
+    groups = nodes()
+    mine = next(g for g in groups if env.rank in g)
+    result = None
+    if env.rank == mine[0]:
+        try:
+            report = stage_node(data, mine, env.world_size, seed, epochs)
+            result = "ok"
+        except BaseException as e:
+            post_and_wait("staged", f"on rank {env.rank}: {e}", [], STAGE_TIMEOUT_S)
+            raise
+        print(report.line(socket.gethostname()), flush=True)
+        if report.warning:
+            print(report.warning, file=sys.stderr, flush=True)
+    failed = [
+        r for r in post_and_wait("staged", result, [g[0] for g in groups], STAGE_TIMEOUT_S) if r != "ok"
+    ]
+    if failed:
+        raise UserError(f"staging the shards failed {failed[0]}")
 
 
 def check_resume(cfg, arch, ckpt, path) -> dict:

@@ -100,6 +100,11 @@ class DataConfig:
     dali_host_memory_padding: int = 140_544_512  # nvJPEG's pinned host buffer bytes: the same example (default 8 MiB)
     dali_preallocate_width_hint: int = 5980  # hardware decoder's buffers: ImageNet's widest image; 0: off
     dali_preallocate_height_hint: int = 6430  # hardware decoder's buffers: ImageNet's tallest image; 0: off
+    # Node-local copies of the shards (e.g. $SLURM_TMPDIR/shards; variables are expanded on each node):
+    # before training, one process per node copies and verifies the shards its ranks will read, and
+    # the loaders read them there (data/stage.py, slurm/README.md). None: read data.root only.
+    stage_dir: str | None = None
+
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -191,6 +196,10 @@ def build_loader(
     from imagenet_ddp.data.shardset import open_split
 
     shards = open_split(cfg.root, split)
+    if cfg.stage_dir:
+        from imagenet_ddp.data.stage import use_staged
+
+        shards = use_staged(shards, cfg.stage_dir)
     shards.check_files()
     readers = max(1, cfg.workers) if cfg.backend == "torch" else 1
     if len(shards.shards) < world_size * readers:
