@@ -23,23 +23,17 @@ from __future__ import annotations
 
 import json
 import re
-from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.shards import atomic_write, file_sha256
+from imagenet_ddp.sources.evalsets import imagenet_wnids, label_fields
+
+__all__ = ["LabelSpace", "attach_real_labels", "imagenet_wnids", "label_space", "read_real_labels"]
 
 REAL_FILE = "real-labels.json"
 _VAL_KEY = re.compile(r"^ILSVRC2012_val_(\d{8})$")
-
-
-@cache
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k wnids in sorted order: position = class index (and ReaL's, and V2's folders)."""
-    from imagenet_ddp.labels import imagenet_names
-
-    return tuple(sorted(imagenet_names("en")))
 
 
 class LabelSpace(NamedTuple):
@@ -49,12 +43,10 @@ class LabelSpace(NamedTuple):
 
 def label_space(manifest: dict) -> LabelSpace:
     """The label space of a split's manifest, computed from its `classes` (see the module docstring)."""
-    position = {w: i for i, w in enumerate(imagenet_wnids())}
-    classes = manifest["classes"]
-    if not classes or any(w not in position for w in classes):
-        return LabelSpace(None, None)
-    indices = [position[w] for w in classes]
-    return LabelSpace("imagenet-1k" if indices == list(range(1000)) else "imagenet-1k-subset", indices)
+    fields = label_fields(manifest["classes"])
+    if fields.get("label_space") == "imagenet-1k":
+        return LabelSpace("imagenet-1k", list(range(1000)))
+    return LabelSpace(fields.get("label_space"), fields.get("imagenet_indices"))
 
 
 def read_real_labels(split_dir: str | Path) -> list[list[int]] | None:

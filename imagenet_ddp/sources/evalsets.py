@@ -27,6 +27,7 @@ import os
 import re
 import tarfile
 import zipfile
+from functools import cache
 from pathlib import Path, PurePosixPath
 
 from imagenet_ddp.errors import UserError
@@ -158,7 +159,9 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _imagenet_wnids() -> tuple[str, ...]:
+@cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in sorted order: position = class index (V2's folders, ReaL's indices)."""
     from imagenet_ddp.labels import imagenet_names
 
     return tuple(sorted(imagenet_names("en")))
@@ -171,12 +174,16 @@ def _check_wnid(folder: str, where: str, known: set[str]) -> None:
         raise UserError(f"{where}: folder {folder!r} is not an ImageNet-1k wnid{hint}")
 
 
-def _space(classes: list[str]) -> dict:
-    """Manifest fields saying which of ImageNet-1k's classes a split covers."""
-    wnids = _imagenet_wnids()
+def label_fields(classes: list[str]) -> dict:
+    """Manifest fields saying which of ImageNet-1k's classes a split covers: {"label_space":
+    "imagenet-1k"}, {"label_space": "imagenet-1k-subset", "imagenet_indices": [...]}, or {} when
+    some class is not an ImageNet-1k wnid."""
+    wnids = imagenet_wnids()
     if classes == list(wnids):
         return {"label_space": "imagenet-1k"}
     position = {w: i for i, w in enumerate(wnids)}
+    if not classes or any(w not in position for w in classes):
+        return {}
     return {"label_space": "imagenet-1k-subset", "imagenet_indices": [position[w] for w in classes]}
 
 
@@ -202,20 +209,23 @@ def _not_packed(e: _Entry, notes: list[str], missing: list[tuple[str, str]], why
 
 def list_imagenet_v2(src: Path) -> Listing:
     entries, layout = _entries(src)
-    wnids = list(_imagenet_wnids())
+    wnids = list(imagenet_wnids())
     splits: dict[str, list[SourceFile]] = {}
     missing: dict[str, list[tuple[str, str]]] = {}
     notes: list[str] = []
     info = {}
     for e in entries:
         found = [m.group(1) for part in e.parts[:-1] for m in [_V2_NAME.search(part)] if m]
+        if not found and not _is_image(e.parts[-1]):
+            notes.append(f"{e.path}: not an image of a class folder, not packed")
+            continue
         if not found:
             raise UserError(
                 f"{e.path}: cannot tell which ImageNet-V2 variant this is: keep the published names "
                 "(imagenetv2-matched-frequency-format-val/, imagenetv2-threshold0.7..., imagenetv2-top-images...)"
             )
         split = V2_VARIANTS[found[-1]]
-        info[split] = {"variant": split, **_space(wnids)}
+        info[split] = {"variant": split, **label_fields(wnids)}
         files = splits.setdefault(split, [])
         folder = e.parts[-2] if len(e.parts) > 1 else ""
         if _V2_NAME.search(folder):  # a file beside the class folders
@@ -230,7 +240,7 @@ def list_imagenet_v2(src: Path) -> Listing:
 
 def _list_wnid_folders(dataset: str, src: Path) -> Listing:
     entries, layout = _entries(src)
-    known = set(_imagenet_wnids())
+    known = set(imagenet_wnids())
     files, missing, notes = [], [], []
     for e in entries:
         folder = e.parts[-2] if len(e.parts) > 1 else ""
@@ -241,7 +251,7 @@ def _list_wnid_folders(dataset: str, src: Path) -> Listing:
         else:
             _not_packed(e, notes, missing, "not in a wnid class folder")
     classes = sorted({f.wnid for f in files})
-    info = {"val": _space(classes)} if classes else {}
+    info = {"val": label_fields(classes)} if classes else {}
     return Listing(
         dataset, layout, str(src), classes, _names(classes), {"val": files}, {"val": missing}, notes, info
     )
@@ -261,7 +271,7 @@ def list_imagenet_sketch(src: Path) -> Listing:
 
 def list_imagenet_c(src: Path) -> Listing:
     entries, layout = _entries(src)
-    known = set(_imagenet_wnids())
+    known = set(imagenet_wnids())
     splits: dict[str, list[SourceFile]] = {}
     notes: list[str] = []
     for e in entries:
@@ -284,7 +294,7 @@ def list_imagenet_c(src: Path) -> Listing:
             "corruption": split.rsplit("-", 1)[0],
             "severity": int(split.rsplit("-", 1)[1]),
             "corruption_group": CORRUPTIONS[split.rsplit("-", 1)[0]],
-            **_space(classes),
+            **label_fields(classes),
         }
         for split in splits
     }
