@@ -116,6 +116,7 @@ def check_apart(src: Path, out: Path) -> None:
 
 
 def pack(args) -> int:
+    from imagenet_ddp.evalsets import keep_real_labels
     from imagenet_ddp.shards import PackOptions, pack_split
     from imagenet_ddp.sources import list_source
 
@@ -139,6 +140,8 @@ def pack(args) -> int:
     opts = PackOptions(args.shard_size, args.shard_bytes, args.max_side, args.quality, args.seed, args.check)
     for split in listing.splits:
         r = pack_split(listing, split, out, opts, args.workers)
+        if keep_real_labels(r.out):  # a repair (or an interrupted one, finished) rewrote the manifest
+            print(f"{split}: its ReaL labels ({r.out / 'real-labels.json'}) still match and are kept")
         if r.skipped:
             print(f"{split}: already complete in {r.out} ({r.num_samples} images, {r.num_rejected} rejected)")
             continue

@@ -148,6 +148,26 @@ def attach_real_labels(split_dir: str | Path, real_json: str | Path) -> dict:
     return {**entry, "num_samples": len(keys), "dropped": dropped}
 
 
+def keep_real_labels(split_dir: str | Path) -> bool:
+    """After a repair rewrote a split's manifest: record its ReaL side file again when the file's keys
+    are still the split's samples in order (a repair rebuilds the same samples). True if recorded."""
+    split_dir = Path(split_dir)
+    path = split_dir / REAL_FILE
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    if "real_labels" in manifest or not path.is_file():
+        return False
+    try:
+        side = json.loads(path.read_text())
+        if side["keys"] != split_keys(split_dir, manifest):
+            return False
+        num_labelled = sum(1 for lab in side["labels"] if lab)
+    except (ValueError, KeyError, TypeError):
+        return False
+    manifest["real_labels"] = {"file": REAL_FILE, "sha256": file_sha256(path), "num_labelled": num_labelled}
+    atomic_write(split_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    return True
+
+
 def check_real_labels(split_dir: Path, manifest: dict, keys: list[str]) -> list[str]:
     """verify's problems with a split's ReaL side file: its sha256, its keys against the shards' own
     order (`keys`, read from the tars), its class indices."""
