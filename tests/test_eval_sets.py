@@ -293,7 +293,9 @@ def test_sketch_converts_non_rgb_and_reports_the_rest(robustness):
     )
 
 
-def test_imagenet_c_one_split_per_corruption_and_severity(tmp_path):
+@pytest.mark.parametrize("as_tars", [False, True], ids=["folders", "group-tars"])
+def test_imagenet_c_one_split_per_corruption_and_severity(as_tars, tmp_path):
+    """Extracted folders, or a folder of the published per-group archives (noise.tar, weather.tar)."""
     rng = np.random.default_rng(3)
     classes = [WNIDS[i] for i in (2, 3, 500)]
     tree = {}
@@ -301,25 +303,30 @@ def test_imagenet_c_one_split_per_corruption_and_severity(tmp_path):
         for severity in (1, 5):
             for w in classes:
                 tree[f"{corruption}/{severity}/{w}/ILSVRC2012_val_{len(tree) + 1:08d}.JPEG"] = _jpeg(rng)
-    _write(tmp_path / "imagenet-c", tree)
+    src = tmp_path / "imagenet-c"
+    where = {}
+    if as_tars:
+        src.mkdir()
+        for group, corruption in (("noise", "gaussian_noise"), ("weather", "fog")):
+            mine = {k: v for k, v in tree.items() if k.startswith(f"{corruption}/")}
+            _tar(src / f"{group}.tar", mine)
+            where |= {k: f"{src / group}.tar/{k}" for k in mine}
+    else:
+        _write(src, tree)
+        where = {k: str(src / k) for k in tree}
     out = tmp_path / "shards"
-    pack("imagenet-c", tmp_path / "imagenet-c", out)
+    pack("imagenet-c", src, out)
     splits = sorted(p.name for p in out.iterdir())
     assert splits == ["fog-1", "fog-5", "gaussian_noise-1", "gaussian_noise-5"]
     for split in splits:
         corruption, severity = split.rsplit("-", 1)
-        truth = {
-            str(tmp_path / "imagenet-c" / k): k.split("/")[2]
-            for k in tree
-            if k.startswith(f"{corruption}/{severity}/")
-        }
-        check_split(out / split, truth)
-        m = manifest(out / split)
-        assert (m["corruption"], m["severity"], m["corruption_group"]) == (
-            corruption,
-            int(severity),
-            {"fog": "weather"}.get(corruption, "noise"),
+        check_split(
+            out / split,
+            {where[k]: k.split("/")[2] for k in tree if k.startswith(f"{corruption}/{severity}/")},
         )
+        m = manifest(out / split)
+        group = {"fog": "weather"}.get(corruption, "noise")
+        assert (m["corruption"], m["severity"], m["corruption_group"]) == (corruption, int(severity), group)
         assert m["classes"] == classes and m["imagenet_indices"] == [2, 3, 500]
 
 
