@@ -19,6 +19,7 @@ from PIL import Image
 import make_shards
 from imagenet_ddp.evalsets import imagenet_wnids, label_space, read_real_labels
 from imagenet_ddp.synth import jpeg_bytes, synth_image
+from imagenet_ddp.verify import verify_splits
 from tests.shard_reader import manifest, read_webdataset
 
 WNIDS = imagenet_wnids()
@@ -267,6 +268,7 @@ def test_r_and_a_record_their_class_subset(robustness):
     assert m["imagenet_indices"] == [1, 4, 6, 300, 998] == label_space(m).imagenet_indices
     assert manifest(out / "imagenet-a" / "val")["imagenet_indices"] == [1, 4, 6]
     assert (out / "imagenet-a" / "val" / "rejected.jsonl").read_text() == ""  # README.txt: noted only
+    verify(out / "imagenet-r" / "val", out / "imagenet-a" / "val", against_source=False)  # sets differ: fine
 
 
 def test_sketch_converts_non_rgb_and_reports_the_rest(robustness):
@@ -328,6 +330,12 @@ def test_imagenet_c_one_split_per_corruption_and_severity(as_tars, tmp_path):
         group = {"fog": "weather"}.get(corruption, "noise")
         assert (m["corruption"], m["severity"], m["corruption_group"]) == (corruption, int(severity), group)
         assert m["classes"] == classes and m["imagenet_indices"] == [2, 3, 500]
+    # Splits of one source must share their class list (verify compares them; other sets may differ)
+    m = manifest(out / "fog-5")
+    m["classes"] = m["classes"][::-1]
+    (out / "fog-5" / "manifest.json").write_text(json.dumps(m))
+    problems = verify_splits([str(out / "fog-1"), str(out / "fog-5")])
+    assert any("class lists differ" in p for p in problems), problems
 
 
 @pytest.mark.parametrize(
