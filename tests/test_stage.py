@@ -31,16 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE, BATCH, EPOCHS = 16, 2, 2
 
 
+def tiny_shards(root: Path, per_class: int, val_per_class: int, shard_size: int) -> Path:
+    """A 4-class shard set of 16-32 px images packed by make_shards.py into root/shards."""
+    fx = fixtures.make_folder(
+        root / "src",
+        num_classes=4,
+        per_class=per_class,
+        val_per_class=val_per_class,
+        bad=False,
+        side_range=(16, 32),
+    )
+    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(fx.src), "--out", str(root / "shards")]
+    subprocess.run(
+        cmd + ["--shard-size", str(shard_size), "--workers", "1"], cwd=ROOT, check=True, capture_output=True
+    )
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """train: 8 shards of 4 samples; val: 2 of 4."""
-    root = tmp_path_factory.mktemp("stage-data")
-    fx = fixtures.make_folder(
-        root / "src", num_classes=4, per_class=8, val_per_class=2, bad=False, side_range=(16, 32)
-    )
-    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(fx.src), "--out", str(root / "shards")]
-    subprocess.run(cmd + ["--shard-size", "4", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
-    return root / "shards"
+    return tiny_shards(tmp_path_factory.mktemp("stage-data"), 8, 2, 4)
 
 
 @pytest.fixture
