@@ -84,3 +84,34 @@ def test_rank_ranges_are_dalis_sharding_rule():
     # itself by the exact-once test in test_loaders.py); the plan must use the same rule.
     assert [plan.rank_range(15, r, 2) for r in range(2)] == [(0, 7), (7, 15)]
     assert [plan.rank_range(15, r, 4) for r in range(4)] == [(0, 3), (3, 7), (7, 11), (11, 15)]
+
+
+@pytest.mark.parametrize("sizes", SPLITS + [[300, 300, 7]])
+@pytest.mark.parametrize("world_size, readers", JOBS[1:])
+def test_repeated_passes_are_full_batches_each_sample_on_up_to_k_ranks(sizes, world_size, readers):
+    # data.repeated_aug: DeiT's epoch length (N // 256 * 256 samples over the ranks) in full batches,
+    # readers splitting their rank's pass; tests/test_repeated_aug.py checks the counts against
+    # torchvision's RASampler.
+    total = sum(sizes)
+    for batch_size, repeats in [(1, 2), (4, 3), (16, 2)]:
+        if repeats > world_size:
+            with pytest.raises(UserError, match="data.repeated_aug"):
+                count_steps("train", total, world_size, batch_size, train=True, repeats=repeats)
+            continue
+        steps = plan.train_steps(total, world_size, batch_size, repeats)
+        assert steps == total // 256 * 256 // world_size // batch_size
+        if steps == 0:
+            with pytest.raises(UserError, match="rounded down to"):
+                count_steps("train", total, world_size, batch_size, train=True, repeats=repeats)
+        seen = Counter()
+        for rank in range(world_size):
+            mine = []
+            for reader in range(readers):
+                pieces = plan.train_pieces(
+                    sizes, 5, 1, rank, world_size, batch_size, reader, readers, repeats
+                )
+                assert len(samples(pieces)) == len(plan.reader_steps(steps, reader, readers)) * batch_size
+                mine += samples(pieces)
+            assert len(set(mine)) == len(mine) == steps * batch_size  # never a sample twice on one rank
+            seen.update(mine)
+        assert not seen or set(seen.values()) <= {repeats - 1, repeats}

@@ -80,6 +80,10 @@ class DataConfig:
     ra_magnitude: int = 9  # RandAugment: magnitude bin of 31 (torchvision's scale: timm's m9 is bin 27)
     ra_magnitude_std: float = 0.0  # RandAugment: per image, the bin is drawn from N(magnitude, std) (timm's mstd x 3)
     random_erase: float = 0.0  # probability of torchvision's RandomErasing on each normalized train image
+    # Repeated augmentation (DeiT's RASampler, torchvision's --ra-reps): each train sample of an epoch
+    # read by this many different ranks, each with its own augmentation; an epoch then covers about
+    # 1/repeated_aug of the split at DeiT's epoch length (plan.py). 1: off; at most world_size.
+    repeated_aug: int = 1
     eval_resize_size: int = 0  # shorter side before the eval centre crop; 0: round(eval_size / eval_crop_ratio)
     # Progressive resizing (FFCV): the train crop side grows from progressive_start_size at epoch
     # progressive_start_epoch to image_size at progressive_end_epoch, rounded to progressive_step; 0: off.
@@ -125,6 +129,8 @@ class DataConfig:
             )
         if not 0 <= self.random_erase <= 1:
             raise UserError(f"data.random_erase is a probability in [0, 1], not {self.random_erase}")
+        if self.repeated_aug < 1:
+            raise UserError(f"data.repeated_aug must be at least 1 (1: off), not {self.repeated_aug}")
         self._check_augment()
         self._check_dali()
         if self.progressive_start_size:

@@ -88,26 +88,36 @@ class Loader:
         raise NotImplementedError
 
 
-def count_steps(split: str, num_samples: int, world_size: int, batch_size: int, train: bool) -> int:
-    """Steps per epoch on every rank; a one-line error when training would get no full batch."""
+def count_steps(
+    split: str, num_samples: int, world_size: int, batch_size: int, train: bool, repeats: int = 1
+) -> int:
+    """Steps per epoch on every rank; a one-line error when training would get no full batch.
+
+    `repeats`: data.repeated_aug, for train passes only (validation is never repeated)."""
     if not train:
         return eval_steps(num_samples, world_size, batch_size)
-    steps = train_steps(num_samples, world_size, batch_size)
-    if steps == 0:
+    if not 1 <= repeats <= world_size:
         raise UserError(
-            f"split {split!r} has {num_samples} samples: not one full batch of {batch_size} "
+            f"data.repeated_aug ({repeats}) must be in [1, world_size={world_size}]: "
+            "each sample's copies go to that many different ranks"
+        )
+    steps = train_steps(num_samples, world_size, batch_size, repeats)
+    if steps == 0:
+        rounded = f" (rounded down to {num_samples // 256 * 256} with repeated augmentation)" if repeats > 1 else ""
+        raise UserError(
+            f"split {split!r} has {num_samples} samples{rounded}: not one full batch of {batch_size} "
             f"for each of {world_size} ranks; lower data.batch_size"
         )
     return steps
 
 
-def shard_loader_fields(shards, *, world_size: int, batch_size: int, train: bool) -> dict:
+def shard_loader_fields(shards, *, world_size: int, batch_size: int, train: bool, repeats: int = 1) -> dict:
     """Loader.__init__ arguments for a loader over a shard split (the dali and torch backends)."""
     return {
         "split": shards.split,
         "train": train,
         "batch_size": batch_size,
-        "steps": count_steps(shards.split, shards.num_samples, world_size, batch_size, train),
+        "steps": count_steps(shards.split, shards.num_samples, world_size, batch_size, train, repeats),
         "num_samples": shards.num_samples,
         "classes": shards.classes,
         "class_names": shards.class_names,

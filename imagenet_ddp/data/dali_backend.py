@@ -71,7 +71,9 @@ from imagenet_ddp.errors import UserError
 class DaliLoader(Loader):
     def __init__(self, cfg, shards: ShardSplit, *, rank, world_size, device, seed, train):
         super().__init__(
-            **shard_loader_fields(shards, world_size=world_size, batch_size=cfg.batch_size, train=train)
+            **shard_loader_fields(
+                shards, world_size=world_size, batch_size=cfg.batch_size, train=train, repeats=cfg.repeated_aug
+            )
         )
         self.cfg, self.shards, self.device = cfg, shards, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -98,6 +100,11 @@ class DaliLoader(Loader):
         lo, hi = plan.rank_range(self.num_samples, self.rank, self.world_size)
         if not self.train:
             return plan.stream_pieces(self.sizes, list(range(len(self.sizes))), 0, lo, hi - lo)
+        if self.cfg.repeated_aug > 1:  # exactly the pass's samples: the windows overlap (plan.pass_spans)
+            return plan.train_pieces(
+                self.sizes, self.seed, epoch, self.rank, self.world_size, self.batch_size,
+                repeats=self.cfg.repeated_aug,
+            )
         order, offset = plan.epoch_layout(len(self.sizes), self.num_samples, self.seed, epoch)
         return plan.stream_pieces(self.sizes, order, offset, lo, hi - lo)
 

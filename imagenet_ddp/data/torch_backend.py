@@ -67,7 +67,8 @@ class ShardSamples(IterableDataset):
         if self.train:
             rng = random.Random(plan.derive_seed(self.seed, self.epoch, self.rank, reader))
             pieces = plan.train_pieces(
-                self.sizes, self.seed, self.epoch, self.rank, self.world_size, b, reader, readers
+                self.sizes, self.seed, self.epoch, self.rank, self.world_size, b, reader, readers,
+                repeats=self.cfg.repeated_aug,
             )
             # This reader's batches that come before `skip` (round-robin, as in plan.reader_steps):
             # their samples are read and their random crops and flips drawn (so what follows is the
@@ -188,7 +189,9 @@ def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
 class TorchLoader(Loader):
     def __init__(self, cfg, shards: ShardSplit, *, rank, world_size, device, seed, train):
         super().__init__(
-            **shard_loader_fields(shards, world_size=world_size, batch_size=cfg.batch_size, train=train)
+            **shard_loader_fields(
+                shards, world_size=world_size, batch_size=cfg.batch_size, train=train, repeats=cfg.repeated_aug
+            )
         )
         self.device, self.channels_last, self.cfg = device, cfg.channels_last, cfg
         on_device = gpu_decode.resolve(cfg.decode_device, device) == "cuda"
