@@ -4,6 +4,8 @@
     python predict.py --checkpoint runs/demo/best.pt photo.jpg photos/ 'more/**/*.png' --lang es
     find photos -name '*.jpg' | python predict.py --checkpoint runs/demo/best.pt - --format jsonl
     python predict.py --checkpoint runs/demo/best.pt --evaluate shards/demo/val
+    python predict.py --checkpoint best.pt --evaluate shards/imagenet/val shards/imagenet-r/test shards/imagenet-c
+    torchrun --standalone --nproc_per_node=8 predict.py --checkpoint best.pt --suite suite.txt
     python predict.py --checkpoint runs/demo/best.pt --serve --port 8000     # http://127.0.0.1:8000/
     python predict.py --checkpoint runs/demo/best.pt --export model.onnx     # for apps (onnxruntime)
     python predict.py --model model.onnx photo.jpg --lang es                  # the same, on onnxruntime
@@ -64,8 +66,13 @@ def parse_args(argv):
     )
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument(
-        "--evaluate", metavar="SPLIT_DIR", help="top-1/top-5 over a shard split, e.g. shards/x/val"
+        "--evaluate",
+        nargs="+",
+        metavar="SPLIT_DIR",
+        help="one table over shard splits (e.g. shards/x/val; a folder of splits such as ImageNet-C's: "
+        "each of them); written as JSON next to the checkpoint (best.eval.json)",
     )
+    p.add_argument("--suite", metavar="FILE", help="--evaluate the split folders listed in FILE, one a line")
     p.add_argument("--backend", choices=("torch", "dali"), default="torch", help="loader for --evaluate")
     p.add_argument("--serve", action="store_true", help="serve a web page and a JSON endpoint")
     p.add_argument("--host", default="127.0.0.1", help="--serve address (default: this machine only)")
@@ -74,11 +81,20 @@ def parse_args(argv):
     p.add_argument("--max-megapixels", type=float, default=50.0, help="--serve: largest accepted image")
     p.add_argument("--max-concurrent", type=int, default=4, help="--serve: images decoded at once")
     args = p.parse_args(argv)
+    if args.evaluate and args.suite:
+        p.error("give --evaluate SPLIT_DIR ... or --suite FILE, not both")
+    if args.suite:
+        from imagenet_ddp.evaluate import read_suite
+
+        try:
+            args.evaluate = read_suite(args.suite)
+        except UserError as e:
+            p.error(str(e))
     modes = bool(args.images) + bool(args.evaluate) + args.serve + bool(args.export)
     if modes != 1:
         p.error("give images to classify, or --evaluate SPLIT_DIR, --serve or --export ONNX (one of them)")
-    if args.model and (args.evaluate or args.export or args.ema):
-        p.error("--evaluate, --export and --ema need --checkpoint")
+    if args.model and (args.export or args.ema):
+        p.error("--export and --ema need --checkpoint")
     if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
         p.error("--topk and --batch-size must be at least 1, --workers at least 0")
     if not 0 <= args.port <= 65535:
@@ -155,24 +171,49 @@ def classify(clf, args) -> int:
     return 1 if failed else 0
 
 
-def evaluate(clf, args) -> int:
-    from imagenet_ddp.inference import evaluate_split
+def evaluate(args) -> int:
+    """The splits' table (rank 0 prints it and writes the JSON); under torchrun every rank scores its
+    share of each split."""
+    from imagenet_ddp import dist
+    from imagenet_ddp.evaluate import evaluate_suite, find_splits, format_table, save_results
 
-    m = evaluate_split(
-        clf, args.evaluate, batch_size=args.batch_size, backend=args.backend, workers=args.workers
-    )
-    if args.format == "table":
-        print(
-            f"{m['split']}: top-1 {m['val_top1']:.2%}, top-5 {m['val_top5']:.2%}, loss {m['val_loss']:.4f} "
-            f"over {m['val_count']} images ({m['backend']} loader, {m['precision']})"
+    splits = find_splits(args.evaluate)
+    with dist.distributed() as env:
+        clf = load_classifier(args, env.device if env.world_size > 1 and args.device == "auto" else None)
+        report = evaluate_suite(
+            clf, splits, backend=args.backend, batch_size=args.batch_size, workers=args.workers, env=env
         )
+        if not env.is_main:
+            return 0
+    path = save_results(report, args.checkpoint or args.model)
+    if args.format == "table":
+        print(format_table(report["splits"], report["imagenet_c"]), end="")
+        where = f"{report['world_size']} ranks" if report["world_size"] > 1 else "1 process"
+        print(f"({report['backend']} loader, {report['precision']}, {where}; written to {path})")
     elif args.format == "jsonl":
-        print(json.dumps(m))
+        for record in report["splits"]:
+            print(json.dumps(record))
+        if report["imagenet_c"]:
+            print(json.dumps({"dataset": "imagenet-c", **report["imagenet_c"]}))
     else:
-        rows = csv.DictWriter(sys.stdout, fieldnames=list(m), lineterminator="\n")
+        fields = list(dict.fromkeys(k for r in report["splits"] for k in r))
+        rows = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
         rows.writeheader()
-        rows.writerow(m)
+        rows.writerows(report["splits"])
     return 0
+
+
+def load_classifier(args, device=None):
+    """The checkpoint's (or the ONNX file's) classifier; `device` overrides --device (a torchrun rank's)."""
+    if args.model:
+        from imagenet_ddp.export import OnnxClassifier
+
+        return OnnxClassifier(args.model)
+    from imagenet_ddp.inference import Classifier
+
+    return Classifier.from_checkpoint(
+        args.checkpoint, device=device or args.device, precision=args.precision, ema=args.ema
+    )
 
 
 def export(args) -> int:
@@ -198,19 +239,10 @@ def main(argv=None) -> int:
     try:
         if args.export:
             return export(args)
-        if args.model:
-            from imagenet_ddp.export import OnnxClassifier
-
-            clf = OnnxClassifier(args.model)
-        else:
-            from imagenet_ddp.inference import Classifier
-
-            clf = Classifier.from_checkpoint(
-                args.checkpoint, device=args.device, precision=args.precision, ema=args.ema
-            )
-        clf.class_info(args.lang)  # an unknown language is an error before any work
         if args.evaluate:
-            return evaluate(clf, args)
+            return evaluate(args)
+        clf = load_classifier(args)
+        clf.class_info(args.lang)  # an unknown language is an error before any work
         if args.serve:
             from imagenet_ddp.serve import serve
 

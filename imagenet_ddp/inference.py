@@ -1,7 +1,6 @@
 """Classify images with a trained checkpoint: the model, the eval preprocessing, names, top-k.
 
     python predict.py --checkpoint runs/demo/best.pt photos/ --lang es
-    python predict.py --checkpoint runs/demo/best.pt --evaluate shards/demo/val
 
     clf = Classifier.from_checkpoint("runs/demo/best.pt")
     image = load_image(Path("cat.jpg").read_bytes())       # RGB PIL image, or ImageError
@@ -251,40 +250,6 @@ def _pick_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     return device
-
-
-def evaluate_split(
-    clf: Classifier, split_dir: str | Path, *, batch_size=64, backend="torch", workers=2
-) -> dict:
-    """Top-1/top-5 over a shard split (make_shards.py's DIR/<split>), in one process, with the
-    loaders and engine.evaluate of training: the numbers train_ddp.py reports for that split."""
-    from imagenet_ddp.data import DataConfig, build_loader
-    from imagenet_ddp.data.shardset import open_split
-    from imagenet_ddp.engine import evaluate
-
-    split_dir = Path(split_dir)
-    root, split = split_dir.parent, split_dir.name
-    shards = open_split(root, split)
-    if shards.classes != clf.classes:
-        raise UserError(
-            f"{split_dir} has {shards.num_classes} classes that are not the checkpoint's {clf.num_classes} "
-            "(in the same order): its labels would be scored against the wrong classes"
-        )
-    cfg = DataConfig(
-        root=str(root),
-        backend=backend,
-        eval_size=clf.crop,
-        eval_resize_size=clf.resize,
-        batch_size=batch_size,
-        workers=workers,
-        channels_last=clf.channels_last,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*more shards shuffle better")  # a remark about training only
-        loader = build_loader(cfg, split, device=clf.device, train=False)
-    with loader:
-        metrics = evaluate({"": clf.model}, loader, clf)
-    return {"split": str(split_dir), "backend": backend, "precision": clf.precision, **metrics}
 
 
 # ---------------------------------------------------------------- many files

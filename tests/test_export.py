@@ -106,11 +106,8 @@ def test_a_file_that_is_not_an_export_and_modes_that_need_a_checkpoint_are_refus
     code, _, err = run(capsys, "--model", tmp_path / "plain.onnx", "x.jpg")
     assert code == 2 and "not a model exported by predict.py --export" in err
     with pytest.raises(SystemExit) as usage:
-        predict.main(["--model", str(model_path), "--evaluate", "shards/x/val"])
-    assert (
-        usage.value.code == 2
-        and "--evaluate, --export and --ema need --checkpoint" in capsys.readouterr().err
-    )
+        predict.main(["--model", str(model_path), "--ema", "x.jpg"])
+    assert usage.value.code == 2 and "--export and --ema need --checkpoint" in capsys.readouterr().err
 
 
 def test_the_exported_graph_takes_any_batch_size(exported):

@@ -304,8 +304,10 @@ def test_a_trained_checkpoint_predicts_and_evaluates_as_training_validated(tiny_
     code, out, err = run(capsys, "--checkpoint", best, "--evaluate", tiny_shards / "val", "--format", "jsonl")
     assert code == 0, err
     got = json.loads(out)
-    assert got["val_count"] == metrics["val_count"] == 32
-    assert (got["val_top1"], got["val_top5"]) == (metrics["val_top1"], metrics["val_top5"])
+    assert got["images"] == metrics["val_count"] == 32
+    assert (got["top1"], got["top5"]) == (metrics["val_top1"], metrics["val_top5"])
+    assert got["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # other batches: other sums
+    assert json.loads((run_dir / "best.eval.json").read_text())["splits"] == [got]  # next to the checkpoint
     # The same images as files: predict.py's top-1 is the evaluated class, image by image.
     samples = shard_samples(tiny_shards / "val")
     for i, (jpg, _) in enumerate(samples):
@@ -322,7 +324,7 @@ def test_a_trained_checkpoint_predicts_and_evaluates_as_training_validated(tiny_
     )
     correct = sum(p == label for p, (_, label) in zip(top1, samples, strict=True))
     assert correct == round(metrics["val_top1"] * 32)
-    # Shards of other classes would be scored against the wrong labels: refused.
+    # Shards of none of the model's classes (matched by wnid): nothing to score, refused.
     other = make_checkpoint(tmp_path / "other.pt")
     code, _, err = run(capsys, "--checkpoint", other, "--evaluate", tiny_shards / "val")
-    assert code == 2 and "has 4 classes that are not the checkpoint's 10" in err
+    assert code == 2 and "none of its 4 classes (cat, crème brûlée, dog ...) is one of the model's 10" in err
