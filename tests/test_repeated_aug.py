@@ -268,3 +268,17 @@ def test_a_repeated_pass_resumed_mid_epoch_continues_where_it_stopped(unique, ba
     assert all(
         torch.equal(y, y2) and torch.equal(x, x2) for (x, y), (x2, y2) in zip(whole[5:], rest, strict=True)
     )
+
+
+@pytest.mark.slow
+def test_two_ranks_train_an_epoch_with_repeats_under_torchrun(unique, tmp_path):
+    # Equal steps on both ranks (unequal counts hang DDP), DeiT's epoch length in the step count.
+    from tests.test_train import small_run
+    from tests.test_train_ddp import environment, metrics, run, torchrun
+
+    out = tmp_path / "run"
+    done = run(
+        torchrun(*small_run(unique, out, "data.repeated_aug=2", "train.epochs=1")), environment(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in metrics(out)] == [CLASSES // 256 * 256 // (WORLD * BATCH)]
