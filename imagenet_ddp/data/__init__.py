@@ -15,7 +15,8 @@ Every backend's loader:
 - has len() = steps per epoch, the same on every rank (unequal counts hang DDP);
 - set_epoch(e): the samples and their order in epoch e are a pure function of (seed, e) for a
   given (world_size, cfg); train batches are always full (an epoch drops < world_size x batch
-  samples, different ones each epoch);
+  samples, different ones each epoch; with data.repeated_aug = k, an epoch reads about N / k
+  samples, each on k different ranks, at DeiT's length: plan.py);
 - eval (split != "train", or train=False): visits every sample of the split exactly once across
   ranks. Batches keep their size; padding samples carry label PAD_LABEL (-100, cross_entropy's
   ignore_index; any negative label works as the test): count real samples as
