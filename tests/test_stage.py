@@ -54,13 +54,19 @@ def shards(tmp_path_factory) -> Path:
     return tiny_shards(tmp_path_factory.mktemp("stage-data"), 8, 2, 4)
 
 
+@pytest.fixture(scope="module")
+def shards_256(tmp_path_factory) -> Path:
+    """train: 8 shards of 32 samples (repeated augmentation's epoch needs 256); val: 2 of 4."""
+    return tiny_shards(tmp_path_factory.mktemp("stage-data-256"), 64, 2, 32)
+
+
 @pytest.fixture
 def shared(shards, tmp_path) -> Path:
     """A private copy of the shard set, free to damage."""
     return Path(shutil.copytree(shards, tmp_path / "shared"))
 
 
-def config(root: Path, stage_dir: Path | str | None = None) -> DataConfig:
+def config(root: Path, stage_dir: Path | str | None = None, **kw) -> DataConfig:
     return DataConfig(
         root=str(root),
         backend="torch",
@@ -69,6 +75,7 @@ def config(root: Path, stage_dir: Path | str | None = None) -> DataConfig:
         batch_size=BATCH,
         workers=0,
         stage_dir=None if stage_dir is None else str(stage_dir),
+        **kw,
     )
 
 
@@ -119,10 +126,13 @@ def test_staged_copies_equal_the_shared_ones_and_the_loaders_read_them(shared, t
         batches(config(shared))
 
 
-def test_a_node_stages_what_its_ranks_read_and_no_more(shared, tmp_path):
-    stage, world = tmp_path / "stage", 4
-    expected = {rank: batches(config(shared), rank, world) for rank in (0, 1, 2)}
-    report = stage_node(config(shared, stage), [0, 1], world, 0, range(EPOCHS))
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_a_node_stages_what_its_ranks_read_and_no_more(request, tmp_path, repeats):
+    source = request.getfixturevalue("shards" if repeats == 1 else "shards_256")
+    shared = Path(shutil.copytree(source, tmp_path / "shared"))
+    stage, world, cfg = tmp_path / "stage", 4, {"repeated_aug": repeats}
+    expected = {rank: batches(config(shared, **cfg), rank, world) for rank in (0, 1, 2, 3)}
+    report = stage_node(config(shared, stage, **cfg), [0, 1], world, 0, range(EPOCHS))
     staged = set(staged_tars(stage))
     assert 0 < report.copied == len(staged) < 10  # ranks 2 and 3 read other shards too
 
@@ -130,10 +140,11 @@ def test_a_node_stages_what_its_ranks_read_and_no_more(shared, tmp_path):
         if tar.name not in staged:
             tar.write_bytes(bytes(tar.stat().st_size))
     for rank in (0, 1):
-        got = batches(config(shared, stage), rank, world)
+        got = batches(config(shared, stage, **cfg), rank, world)
         assert all(torch.equal(a, b) for a, b in zip(got, expected[rank], strict=True))
-    with pytest.raises(UserError):  # another node's rank reads some of the zeroed shards
-        batches(config(shared, stage), 2, world)
+    with pytest.raises(UserError):  # another node's ranks read some of the zeroed shards
+        for rank in (2, 3):
+            batches(config(shared, stage, **cfg), rank, world)
 
 
 def test_a_second_run_reuses_the_copies_and_a_damaged_one_is_copied_again(shared, tmp_path):

@@ -1,9 +1,9 @@
-"""python -m imagenet_ddp.bench {shards,loaders,gpu,predict,models,soak} [options]"""
+"""python -m imagenet_ddp.bench {shards,loaders,gpu,predict,models,soak,serve,stage} [options]"""
 
 import importlib
 import sys
 
-BENCHES = ("shards", "loaders", "gpu", "predict", "models", "soak", "serve")
+BENCHES = ("shards", "loaders", "gpu", "predict", "models", "soak", "serve", "stage")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,19 +118,22 @@ def use_staged(split: ShardSplit, stage_dir: str) -> ShardSplit:
     return dataclasses.replace(split, shards=shards)
 
 
-def needed_shards(
-    sizes: list[int], ranks: list[int], world_size: int, seed: int, epochs: range, train: bool
-) -> list[int]:
+def needed_shards(cfg, sizes: list[int], ranks: list[int], world_size: int, seed: int, epochs: range, train: bool) -> list[int]:
     """The shards (manifest positions) `ranks` read in `epochs`, in the order first needed.
 
     A rank's whole sample range of each pass, as the DALI backend reads it (the torch backend reads
-    a prefix of it: full batches only). Eval passes read the split in manifest order, every time."""
+    a prefix of it: full batches only), or with repeated augmentation its pass's windows. Eval
+    passes read the split in manifest order, every time."""
     total, seen = sum(sizes), {}
     for epoch in epochs if train else range(1):
         order, offset = plan.epoch_layout(len(sizes), total, seed, epoch) if train else (list(range(len(sizes))), 0)
         for rank in ranks:
-            lo, hi = plan.rank_range(total, rank, world_size)
-            for piece in plan.stream_pieces(sizes, order, offset, lo, hi - lo):
+            if train and cfg.repeated_aug > 1:
+                pieces = plan.train_pieces(sizes, seed, epoch, rank, world_size, cfg.batch_size, repeats=cfg.repeated_aug)
+            else:
+                lo, hi = plan.rank_range(total, rank, world_size)
+                pieces = plan.stream_pieces(sizes, order, offset, lo, hi - lo)
+            for piece in pieces:
                 seen.setdefault(piece.shard, None)
     return list(seen)
 
@@ -140,10 +144,15 @@ def _copy_verified(shard: Shard, dest: Path) -> None:
     tmp_index = dest.with_name(f".{shard.index_path.name}.{os.getpid()}.tmp")
     try:
         digest = hashlib.sha256()
-        with open(shard.path, "rb") as src, open(tmp, "wb") as out:
+        # Hashing a chunk in a thread while the main thread writes it and reads the next (both
+        # release the GIL): the copy goes at the slowest of read, hash and write, not their sum.
+        with ThreadPoolExecutor(1) as hasher, open(shard.path, "rb") as src, open(tmp, "wb") as out:
+            hashed = hasher.submit(lambda: None)
             while chunk := src.read(CHUNK):
-                digest.update(chunk)
+                hashed.result()
+                hashed = hasher.submit(digest.update, chunk)
                 out.write(chunk)
+            hashed.result()
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != shard.sha256 or tmp.stat().st_size != shard.bytes:
@@ -182,7 +191,7 @@ def stage_node(cfg, ranks: list[int], world_size: int, seed: int, epochs: range)
         split = open_split(cfg.root, split_name)
         where = split_dir(root, split)
         sizes = [s.num_samples for s in split.shards]
-        for i in needed_shards(sizes, ranks, world_size, seed, epochs, train):
+        for i in needed_shards(cfg, sizes, ranks, world_size, seed, epochs, train):
             shard = split.shards[i]
             if is_verified(where / shard.path.name, shard):
                 report.reused, report.reused_bytes = report.reused + 1, report.reused_bytes + shard.bytes
