@@ -95,6 +95,8 @@ def shrunk(recipe: Path, shards: Path, backend: str, run_dir: Path) -> list[str]
         overrides.append(f"data.eval_resize_size={eval_resize_scaled(cfg)}")
     if cfg.data.progressive_start_size:  # the ramp then starts at half the side
         overrides += [f"data.progressive_start_size={SIDE // 2}", f"data.progressive_step={SIDE // 2}"]
+    if cfg.data.repeated_aug > 1:  # needs as many ranks as repeats and DeiT's epoch of N // 256 * 256
+        overrides.append("data.repeated_aug=1")  # samples: run under torchrun in test_repeated_aug.py
     return overrides
 
 
