@@ -59,12 +59,15 @@ class Report:
     warning: str = ""
 
     def line(self, node: str) -> str:
-        gb = self.copied_bytes / 1e9
-        rate = f"{gb / self.seconds:.2f} GB/s" if self.seconds > 0 and self.copied else "-"
+        rate = f"{self.copied_bytes / 1e9 / self.seconds:.3g} GB/s" if self.seconds > 0 and self.copied else "-"
         return (
-            f"staged on {node}: {gb:.2f} GB copied ({self.copied} shards) and {self.reused_bytes / 1e9:.2f} GB "
-            f"reused ({self.reused}) in {self.seconds:.1f} s ({rate}) to {self.where}"
+            f"staged on {node}: {_size(self.copied_bytes)} copied ({self.copied} shards) and "
+            f"{_size(self.reused_bytes)} reused ({self.reused}) in {self.seconds:.1f} s ({rate}) to {self.where}"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def stage_root(stage_dir: str) -> Path:
@@ -208,10 +211,10 @@ def stage_node(cfg, ranks: list[int], world_size: int, seed: int, epochs: range)
             if e.errno not in FULL:
                 raise UserError(f"cannot stage {shard.path} to {dest}: {e}") from None
             report.left = len(todo) - n
-            left_gb = sum(s.bytes for s, _ in todo[n:]) / 1e9
+            left = _size(sum(s.bytes for s, _ in todo[n:]))
             report.warning = (
                 f"warning: data.stage_dir {root} is full ({e.strerror or e}): {report.left} of {len(todo)} "
-                f"shards to stage ({left_gb:.2f} GB) are read from the shared copy in {cfg.root}"
+                f"shards to stage ({left}) are read from the shared copy in {cfg.root}"
             )
             break
         report.copied, report.copied_bytes = report.copied + 1, report.copied_bytes + shard.bytes
