@@ -48,7 +48,13 @@ _STEP_FILE = re.compile(r"step-(\d{8,})\.pt$")
 
 
 def inference_info(
-    architecture: dict, classes: list[str], class_names: list[str], resize: int, crop: int, flip: bool = False
+    architecture: dict,
+    classes: list[str],
+    class_names: list[str],
+    resize: int,
+    crop: int,
+    flip: bool = False,
+    interpolation: str = "bilinear",
 ) -> dict:
     """The part of a checkpoint predict.py needs besides the weights: the checkpoint contract."""
     from imagenet_ddp.data.presets import IMAGENET_MEAN, IMAGENET_STD
@@ -59,11 +65,11 @@ def inference_info(
         "classes": list(classes),
         "class_names": list(class_names),
         "preprocess": {
-            "resize": resize,  # shorter side, bilinear with antialiasing
+            "resize": resize,  # shorter side, resized with `interpolation` and antialiasing
             "crop": crop,  # then a centre crop of crop x crop
             "mean": list(IMAGENET_MEAN),  # of RGB values scaled to [0, 1]
             "std": list(IMAGENET_STD),
-            "interpolation": "bilinear",
+            "interpolation": interpolation,  # bilinear or bicubic: the run's data.interpolation
             "flip": flip,  # validation averaged the logits of the image and its mirror (train.eval_flip)
         },
     }

@@ -95,22 +95,26 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "lamb", "rmsprop_tf", "lars"] = "sgd"  # lamb, rmsprop_tf, lars: timm's
+    # sgd, adamw: torch's (fused on CUDA); lamb, rmsprop_tf, lars: timm's
+    name: Literal["sgd", "adamw", "lamb", "rmsprop_tf", "lars"] = "sgd"
     lr: float = 0.1  # for a global batch of ref_batch_size; scaled linearly to the real one
     ref_batch_size: int = 256  # 0: use lr as is
     momentum: float = 0.9  # sgd, lars, rmsprop_tf
     nesterov: bool = True  # sgd, lars: Nesterov momentum
-    weight_decay: float = 5e-5  # L2 penalty of the weights (lamb: decoupled)
+    weight_decay: float = 5e-5  # L2 penalty of the weights (adamw, lamb: decoupled)
     wd_on_norm_and_bias: bool = False  # also decay norm layers' weights and biases (false: they take none)
     backbone_lr_mult: float = 1.0  # the backbone's LR as a fraction of the head's (fine-tuning)
+    # Layer-wise LR decay (BEiT, timm's layer_decay): a parameter of layer i of n (0 the stem, n-1 the
+    # head) trains at lr * layer_decay ** (n - 1 - i); times backbone_lr_mult outside the head. null: off
+    layer_decay: float | None = None
     warmup_epochs: float = 5.0  # linear warmup from warmup_start_factor * lr
     warmup_start_factor: float = 0.1  # the LR at step 0, as a fraction of the scaled lr
     min_lr_factor: float = 0.0  # cosine decays to min_lr_factor * lr
     # cosine, linear: the decay spans the whole run and warmup replaces its start (timm's cosine with
     # warmup_prefix=False); false: it spans the steps after warmup
     warmup_overlaps_decay: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb
-    eps: float | None = None  # lamb, rmsprop_tf; None: the library's default
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
+    eps: float | None = None  # adamw, lamb, rmsprop_tf, lars; None: the library's default (adamw 1e-8)
     rmsprop_alpha: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
     lars_trust_coeff: float = 0.001  # lars
     # After warmup: cosine to min_lr_factor * lr; linear down to it (with warmup, FFCV's triangular
@@ -160,6 +164,7 @@ class Derived:
     warmup_steps: int = 0  # optim.warmup_epochs in steps
     ema_decay: float = 0.0  # train.ema_decay per optimizer step of global_batch_size images
     eval_resize: int = 0  # evaluation: shorter side resized to this, then centre crop data.eval_size
+    interpolation: str = ""  # the train and eval resize filter: data.interpolation or the model's default
     recipe: str = ""  # the --config file the run was started from ("": the defaults)
     overrides: list[str] = field(default_factory=list)  # the section.key=value given on top of it
 
@@ -382,15 +387,28 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def loader_config(cfg: Config) -> LoaderConfig:
-    """The loaders' DataConfig: the data section plus train.batch_size and train.channels_last."""
+    """The loaders' DataConfig: the data section plus train.batch_size and train.channels_last, and
+    data.interpolation resolved (the model's default when unset)."""
     try:
         return LoaderConfig(
-            **dataclasses.asdict(cfg.data),
+            **{**dataclasses.asdict(cfg.data), "interpolation": interpolation(cfg)},
             batch_size=cfg.train.batch_size,
             channels_last=cfg.train.channels_last,
         )
     except UserError as e:
         raise ConfigError(str(e)) from None
+
+
+def interpolation(cfg: Config) -> str:
+    """data.interpolation, or when unset the model's own (its adapter's defaults: timm's pretrained_cfg,
+    torchvision's weights), bilinear where that is neither bilinear nor bicubic."""
+    if cfg.data.interpolation is not None:
+        return cfg.data.interpolation
+    from imagenet_ddp.data.presets import INTERPOLATIONS
+    from imagenet_ddp.models import adapter_for
+
+    default = adapter_for(cfg.model.name).defaults(cfg.model.name).get("interpolation")
+    return default if default in INTERPOLATIONS else "bilinear"
 
 
 # Sides in pixels worth training on and that a decoder can make: below MIN_SIDE an image holds
@@ -456,6 +474,10 @@ def validate(cfg: Config) -> Config:
         (0 <= o.warmup_epochs <= MAX_EPOCHS, f"optim.warmup_epochs must be in [0, {MAX_EPOCHS}]"),
         (t.epochs <= MAX_EPOCHS, f"train.epochs must be at most {MAX_EPOCHS}"),
         (o.backbone_lr_mult > 0, "optim.backbone_lr_mult must be > 0 (freeze with model.freeze instead)"),
+        (
+            o.layer_decay is None or 0 < o.layer_decay <= 1,
+            f"optim.layer_decay must be in (0, 1] (or null: off), got {o.layer_decay}",
+        ),
         (
             0.0 <= t.bce_target_threshold < 1.0,
             "train.bce_target_threshold must be in [0, 1) (0: soft targets)",
@@ -546,6 +568,7 @@ def resolve(cfg: Config, world_size: int, device_type: str, batches_per_epoch: i
         if t.ema_ref_batch_size
         else t.ema_decay,
         eval_resize=eval_resize(cfg.data),
+        interpolation=interpolation(cfg),
         recipe=cfg.derived.recipe,
         overrides=list(cfg.derived.overrides),
     )

@@ -340,6 +340,7 @@ def evaluate_suite(clf, splits: list[Path], *, backend="torch", batch_size=64, w
         backend=backend,
         eval_size=clf.crop,
         eval_resize_size=clf.resize,
+        interpolation=clf.interpolation.value,
         batch_size=batch_size,
         workers=workers,
         channels_last=clf.channels_last,

@@ -217,6 +217,7 @@ class Saver:
             d.eval_resize,
             run.data.eval_size,
             cfg.train.eval_flip,
+            run.data.interpolation,
         )
         self.static = {
             **info,

@@ -23,8 +23,8 @@ from imagenet_ddp.data.mixing import BatchAugment
 from imagenet_ddp.dist import DistEnv
 from imagenet_ddp.finetune import freeze, head_name
 from imagenet_ddp.losses import build_criterion
-from imagenet_ddp.models import deterministic_pooling
-from imagenet_ddp.optim import build_optimizer, lr_schedule, param_groups, ready_for_device_skips
+from imagenet_ddp.models import adapter_for, deterministic_pooling
+from imagenet_ddp.optim import build_optimizer, lr_schedule, model_param_groups, ready_for_device_skips
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,9 +165,10 @@ class TrainState:
         self.optimizer.load_state_dict(groups_in_our_order(ckpt["optimizer"], self.optimizer))
         # The saved groups replace ours, flags included: an optimizer saved unfused (an older run,
         # another device) must still step the way this one was built to (timm's have no such flag).
-        if "fused" in self.optimizer.defaults:
-            for group in self.optimizer.param_groups:
-                group["fused"] = self.optimizer.defaults["fused"]
+        for flag in ("fused", "foreach"):
+            if flag in self.optimizer.defaults:
+                for group in self.optimizer.param_groups:
+                    group[flag] = self.optimizer.defaults[flag]
         ready_for_device_skips(self.optimizer)
         # A saved scale means something only to fp16 from fp16. precision=auto differs between GPU
         # generations (bf16 on an A100, fp16 on a V100): a bf16 or fp32 run saved a disabled scaler's
@@ -243,7 +244,7 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     # SGD is fused: one kernel for all parameters, and it skips a non-finite step on the device. The
     # other optimizers (timm's) skip on the host: one sync per step (engine._step_unless).
     head = model.get_submodule(head_name(cfg.model.name)) if o.backbone_lr_mult != 1.0 else None
-    groups = param_groups(model, o.weight_decay, o.wd_on_norm_and_bias, head, o.backbone_lr_mult)
+    groups = model_param_groups(model, o, adapter_for(cfg.model.name), head)
     optimizer = build_optimizer(groups, o, d.lr, env.device)
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 
 from imagenet_ddp.data.base import Loader
-from imagenet_ddp.data.presets import PAD_LABEL
+from imagenet_ddp.data.presets import INTERPOLATIONS, PAD_LABEL
 from imagenet_ddp.errors import UserError
 
 __all__ = ["BACKENDS", "PAD_LABEL", "DataConfig", "Loader", "build_loader"]
@@ -86,6 +86,10 @@ class DataConfig:
     # 1/repeated_aug of the split at DeiT's epoch length (plan.py). 1: off; at most world_size.
     repeated_aug: int = 1
     eval_resize_size: int = 0  # shorter side before the eval centre crop; 0: round(eval_size / eval_crop_ratio)
+    # Filter of the train crop's and the eval image's resize (antialiased), on every backend; the
+    # augmentation policies keep their bilinear. None: the model's default (timm's pretrained_cfg,
+    # e.g. bicubic for ViTs, EfficientNets), bilinear where it names none.
+    interpolation: Literal["bilinear", "bicubic"] | None = None
     # Progressive resizing (FFCV): the train crop side grows from progressive_start_size at epoch
     # progressive_start_epoch to image_size at progressive_end_epoch, rounded to progressive_step; 0: off.
     progressive_start_size: int = 0
@@ -132,6 +136,10 @@ class DataConfig:
             raise UserError(f"data.random_erase is a probability in [0, 1], not {self.random_erase}")
         if self.repeated_aug < 1:
             raise UserError(f"data.repeated_aug must be at least 1 (1: off), not {self.repeated_aug}")
+        if self.interpolation not in (None, *INTERPOLATIONS):
+            raise UserError(
+                f"data.interpolation must be one of {', '.join(INTERPOLATIONS)} (or null), not {self.interpolation!r}"
+            )
         self._check_augment()
         self._check_dali()
         if self.progressive_start_size:

@@ -58,6 +58,7 @@ from imagenet_ddp.data.presets import (
     CROP_AREA,
     PAD_LABEL,
     eval_resize,
+    interpolation,
     normalize_into,
     one_thread,
     parse_ascii_labels,
@@ -125,6 +126,7 @@ class DaliLoader(Loader):
             crop_only=self.crop_only,
             crop_area=(self.cfg.crop_area_min, CROP_AREA[1]),
             augment=augment,
+            interpolation=interpolation(self.cfg),
             decoder_args=mixed_decoder_args(self.cfg, self.train) if cuda else {},
             enable_conditionals=augment != ("none",),  # auto_aug applies ops to samples by `if`
             batch_size=self.batch_size,
@@ -282,7 +284,7 @@ class DaliLoader(Loader):
             # The flips are a function of (seed, epoch, rank, step), as DALI's own would be.
             flips = torch.Generator().manual_seed(plan.derive_seed(self.seed, self.epoch, self.rank, step))
             with one_thread(self.device):
-                _resize_crops(images, torch.rand(self.batch_size, generator=flips) < 0.5, x)
+                _resize_crops(images, torch.rand(self.batch_size, generator=flips) < 0.5, x, interpolation(self.cfg))
         else:
             out = torch.empty((self.batch_size, s, s, 3), dtype=torch.uint8, device=self.device)
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -401,7 +403,7 @@ def _write_index_range(shard: Shard, start: int, stop: int, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:
+def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor, interpolation: str) -> None:
     """Resize DALI's variable-size HWC crops, flip them where `flips`, normalize into `out` [B,3,S,S].
 
     CPU ms per 224 px train image on this project's 2-core test machine: DALI decodes the crop in
@@ -413,7 +415,7 @@ def _resize_crops(crops, flips: torch.Tensor, out: torch.Tensor) -> None:
     size = list(out.shape[2:])
     for i in range(out.shape[0]):
         crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)  # a view of DALI's buffer
-        image = F.resize(crop, size, antialias=True)
+        image = F.resize(crop, size, interpolation=F.InterpolationMode(interpolation), antialias=True)
         normalize_into(F.horizontal_flip(image) if flips[i] else image, out[i])
 
 

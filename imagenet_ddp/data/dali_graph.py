@@ -19,6 +19,10 @@ from nvidia.dali import pipeline_def
 from imagenet_ddp.data.augment import dali_policy
 from imagenet_ddp.data.presets import CROP_ASPECT
 
+# data.interpolation in DALI's terms. DALI's cubic filter is not torch's (Keys' a=-0.5 against torch's
+# a=-0.75): a bicubic resize differs from torchvision's by more than a grey level (docs/loaders.md).
+INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
 
 def mixed_decoder_args(cfg, train: bool) -> dict:
     """What nvJPEG (`device="mixed"`) gets: the data.dali_* GPU settings (DataConfig documents each).
@@ -56,6 +60,7 @@ def pipeline(
     crop_only,
     crop_area,
     augment,
+    interpolation="bilinear",
     decoder_args=None,
 ):
     jpegs, cls = fn.readers.webdataset(
@@ -69,6 +74,7 @@ def pipeline(
         name="reader",
     )
     hints = decoder_args or {}
+    interp = {"interp_type": INTERP_TYPES[interpolation], "antialias": True}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs,
@@ -82,7 +88,7 @@ def pipeline(
         if not crop_only:
             # Flipping the crop before resizing it is the same as after, and cheaper.
             images = fn.flip(images, horizontal=fn.random.coin_flip())
-            images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size, **interp)
             images = dali_policy(images, image_size, augment)
     else:
         # The output size is computed here rather than with resize_shorter, whose scale keeps the
@@ -93,7 +99,7 @@ def pipeline(
         short = dmath.min(height, width)
         images = fn.decoders.image(jpegs, **hints, device=decoder, output_type=types.RGB)
         resized_y, resized_x = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
-        images = fn.resize(images, resize_y=resized_y, resize_x=resized_x, antialias=True)
+        images = fn.resize(images, resize_y=resized_y, resize_x=resized_x, **interp)
         # crop_pos 0.5 would round the origin half up: torchvision (presets.center_crop_origin) rounds
         # half to even.
         top, left = center_crop_origin(resized_y, image_size), center_crop_origin(resized_x, image_size)

@@ -12,7 +12,7 @@ reader), with the same crops. `collate` packs a batch's files end to end in one 
 A thread of the training process (`DeviceDecoder.ahead`) takes the batches from the workers and
 prepares batch N+1 (and N+2) on a CUDA stream of its own while the training thread runs step N: one
 batched decode (jpeg.decode_many: nvJPEG), then per image only the crop's conversion to float and
-one antialiased bilinear resample of the crop box to the output size (torch's kernel); per batch,
+one antialiased resample of the crop box (data.interpolation: bilinear or bicubic) to the output size (torch's kernel); per batch,
 one flip of the mirrored images, one rounding to whole grey levels, the normalization
 (presets.to_model_input). A bounded queue (`prefetch` batches) holds what is ready; the training
 stream waits for each batch's event, not the host. torch's ops release the GIL, so the two threads
@@ -105,9 +105,10 @@ class DeviceDecoder:
         eval_size: int,
         eval_resize: int,
         policy: TorchPolicy | None,
+        interpolation: str = "bilinear",
         prefetch: int = PREFETCH,
     ):
-        self.device, self.channels_last = device, channels_last
+        self.device, self.channels_last, self.interpolation = device, channels_last, interpolation
         self.eval_size, self.eval_resize, self.policy = eval_size, eval_resize, policy
         self.prefetch = prefetch  # 0: decode in the caller's thread, when asked (no thread)
         self.batch_policy = BatchPolicy(policy) if policy is not None else None
@@ -235,16 +236,19 @@ class DeviceDecoder:
         if top + h > image.shape[1] or left + w > image.shape[2]:  # the header's size was not the image's
             raise UserError(f"{where}: its JPEG header says another size than its decoded image")
         if image.device.type == "cpu":  # the worker path's own resize (uint8, channels-last memory)
-            return resized_crop(image, top, left, h, w, size)[None]
+            return resized_crop(image, top, left, h, w, size, self.interpolation)[None]
         crop = image[None, :, top : top + h, left : left + w].float()
-        return NF.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        # Bicubic overshoots below 0 and above 255: the batch is clamped once, in _images.
+        return NF.interpolate(
+            crop, size=(size, size), mode=self.interpolation, antialias=True, align_corners=False
+        )
 
     def _eval(self, image: torch.Tensor) -> torch.Tensor:
         h, w = eval_resize_shape(image.shape[1], image.shape[2], self.eval_resize)
         image = NF.interpolate(
             image[None].to(_resample_dtype(image.device)),
             size=(h, w),
-            mode="bilinear",
+            mode=self.interpolation,
             antialias=True,
             align_corners=False,
         )

@@ -5,6 +5,8 @@ train: RandomResizedCrop(train_size(cfg, epoch), area crop_area_min-1, aspect 3/
 eval:  resize the shorter side to eval_resize(cfg) (data.eval_resize_size, or eval_size /
        eval_crop_ratio), then center crop eval_size: torchvision's ImageClassification preset
        (e.g. ResNet50_Weights.IMAGENET1K_V2.transforms(): 232 then 224), to the pixel
+Both resize antialiased with data.interpolation (bilinear or bicubic: `interpolation(cfg)`); the
+augmentation policies keep their own bilinear.
 
 Backends decode and crop to uint8 images, channels last in memory (as decoders and resizers make
 them); `to_model_input` normalizes them on the training device (a quarter of the bytes of float32
@@ -28,6 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 
+# data.interpolation's values; None (unset) is resolved to the model's default by config.loader_config.
+INTERPOLATIONS = ("bilinear", "bicubic")
+
 # Label of a padding sample in an eval batch. It is cross_entropy's default ignore_index, so a
 # summed loss skips padding without any code for it; count samples as (labels != PAD_LABEL).sum().
 PAD_LABEL = -100
@@ -41,6 +46,11 @@ def eval_resize_size(eval_size: int, eval_crop_ratio: float, eval_resize: int = 
 def eval_resize(cfg) -> int:
     """eval_resize_size of a DataConfig."""
     return eval_resize_size(cfg.eval_size, cfg.eval_crop_ratio, cfg.eval_resize_size)
+
+
+def interpolation(cfg) -> str:
+    """The resize filter of a DataConfig: data.interpolation, bilinear when unset."""
+    return cfg.interpolation or "bilinear"
 
 
 def train_size(cfg, epoch: int) -> int:
@@ -96,9 +106,12 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(image: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
-    """A uint8 [3,H,W] image's box resized to size x size, bilinear antialiased: torchvision's
-    resized_crop to the pixel, returned channels last in memory (a [3,S,S] view of [S,S,3]).
+def resized_crop(
+    image: torch.Tensor, top: int, left: int, h: int, w: int, size: int, interpolation: str = "bilinear"
+) -> torch.Tensor:
+    """A uint8 [3,H,W] image's box resized to size x size, antialiased with `interpolation` (bilinear
+    or bicubic): torchvision's resized_crop to the pixel, returned channels last in memory (a [3,S,S]
+    view of [S,S,3]).
 
     The box is copied to channels-last memory first: torch's uint8 antialiased kernel (torchvision's
     path on AVX2 and ARM CPUs) runs there natively (0.10 ms a 224 px train crop of a 500x375 JPEG,
@@ -106,7 +119,7 @@ def resized_crop(image: torch.Tensor, top: int, left: int, h: int, w: int, size:
     the result without a transposition (0.03 ms to a PIL image, against 0.15 from [3,S,S] memory)."""
     box = image[:, top : top + h, left : left + w]
     box = box.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    return F.resize(box, [size, size], antialias=True)
+    return F.resize(box, [size, size], interpolation=F.InterpolationMode(interpolation), antialias=True)
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,6 +35,7 @@ from imagenet_ddp.data.presets import (
     center_crop_origin,
     eval_resize,
     eval_resize_shape,
+    interpolation,
     random_resized_crop_box,
     resized_crop,
     to_model_input,
@@ -112,7 +113,7 @@ class ShardSamples(IterableDataset):
     def _train_image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
         image = _decode(sample)
         (top, left, h, w), flip, policy_seed = self._draws(rng, image.shape[1], image.shape[2])
-        image = resized_crop(image, top, left, h, w, train_size(self.cfg, self.epoch))
+        image = resized_crop(image, top, left, h, w, train_size(self.cfg, self.epoch), interpolation(self.cfg))
         image = F.horizontal_flip(image) if flip else image  # keeps channels-last memory
         return self._layout(image if self.policy is None else self.policy(image, policy_seed))
 
@@ -128,7 +129,7 @@ class ShardSamples(IterableDataset):
     def _eval_image(self, sample: Sample) -> torch.Tensor:
         image = _decode(sample)
         h, w = eval_resize_shape(image.shape[1], image.shape[2], eval_resize(self.cfg))
-        image = F.resize(image, [h, w], antialias=True)
+        image = F.resize(image, [h, w], interpolation=F.InterpolationMode(interpolation(self.cfg)), antialias=True)
         crop = self.cfg.eval_size
         return self._layout(
             F.crop(image, center_crop_origin(h, crop), center_crop_origin(w, crop), crop, crop)
@@ -205,6 +206,7 @@ class TorchLoader(Loader):
                 channels_last=cfg.channels_last,
                 eval_size=cfg.eval_size,
                 eval_resize=eval_resize(cfg),
+                interpolation=interpolation(cfg),
                 policy=self.dataset.policy,
             )
         self._loader = DataLoader(
