@@ -7,8 +7,6 @@ shapes. Each check has its negative control: the other filter's reference is far
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,8 @@ import torchvision.transforms.v2.functional as F
 from imagenet_ddp.data import DataConfig, build_loader, jpeg
 from imagenet_ddp.data.presets import PAD_LABEL, resized_crop
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.synth import jpeg_bytes
 from tests.test_loaders import DALI, TORCH_ON_DEVICE
-from tests.test_presets import grey_levels, textured
+from tests.test_presets import grey_levels, textured_shards
 
 REPO = Path(__file__).resolve().parent.parent
 # Aspect ratios inside RandomResizedCrop's 3/4-4/3: with crop_area_min=1 no drawn box fits, and the
@@ -39,20 +36,7 @@ OTHER_FILTER_MEAN = 1.0  # bilinear against bicubic: 2-3 grey levels on average 
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> tuple[Path, list[bytes]]:
-    """Shards of textured JPEGs, one class per image (a label names its image), and their bytes."""
-    src = tmp_path_factory.mktemp("interp-src")
-    rng = np.random.default_rng(1)
-    data = []
-    for i, (h, w) in enumerate(SHAPES):
-        blob = jpeg_bytes(textured(rng, h, w), quality=90)
-        data.append(blob)
-        for split in ("train", "val"):
-            (src / split / f"c{i}").mkdir(parents=True)
-            (src / split / f"c{i}" / "img.jpg").write_bytes(blob)
-    out = tmp_path_factory.mktemp("interp-shards")
-    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    return out, data
+    return textured_shards(tmp_path_factory, SHAPES, seed=1)
 
 
 def loader_images(root: Path, backend: str, split: str, **kw) -> list[tuple[int, torch.Tensor]]:

@@ -348,6 +348,12 @@ def test_a_timm_optimizer_skips_non_finite_steps_and_resumes_from_a_checkpoint_w
         type(straight.optimizer).__name__ == {"lamb": "Lamb", "rmsprop_tf": "RMSpropTF", "lars": "Lars"}[name]
     )
     train_step(straight, [batches[0]])
+    skips_then_resumes_bitwise(straight, lambda: tiny_state(overrides), bad, batches[1:], tmp_path)
+
+
+def skips_then_resumes_bitwise(straight, fresh, bad, batches, tmp_path) -> None:
+    """A NaN step (`bad`) leaves `straight` as it was (but for the LR the schedule sets); `fresh()`
+    loaded from `straight` saved to a checkpoint file then steps on `batches` bitwise as `straight`."""
     before = copy.deepcopy((straight.model.state_dict(), straight.optimizer.state_dict()))
     train_step(straight, [bad])
     assert int(straight.nonfinite_streak) == 1
@@ -358,9 +364,12 @@ def test_a_timm_optimizer_skips_non_finite_steps_and_resumes_from_a_checkpoint_w
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
     torch.save(straight.state_dict(), tmp_path / "ckpt.pt")
-    resumed = tiny_state(overrides)
+    resumed = fresh()
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True))
-    for batch in batches[1:]:
+    assert [g.get("lr_mult") for g in resumed.optimizer.param_groups] == [
+        g.get("lr_mult") for g in straight.optimizer.param_groups
+    ]
+    for batch in batches:
         train_step(straight, [batch])
         train_step(resumed, [batch])
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):

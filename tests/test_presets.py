@@ -46,13 +46,13 @@ def textured(rng, height: int, width: int) -> Image.Image:
     return Image.fromarray(np.clip(stripes + noise, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def jpegs(tmp_path_factory) -> tuple[Path, list[bytes]]:
-    """Shards of the textured JPEGs (one class per image, so a label names its image), and the bytes."""
+def textured_shards(tmp_path_factory, shapes, seed: int) -> tuple[Path, list[bytes]]:
+    """Shards (train and val) of textured JPEGs of `shapes`, one class per image (a label names its
+    image), and the JPEG bytes."""
     src = tmp_path_factory.mktemp("textured")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     data = []
-    for i, (h, w) in enumerate(SHAPES):
+    for i, (h, w) in enumerate(shapes):
         blob = jpeg_bytes(textured(rng, h, w), quality=90)
         data.append(blob)
         for split in ("train", "val"):
@@ -62,6 +62,11 @@ def jpegs(tmp_path_factory) -> tuple[Path, list[bytes]]:
     cmd = [sys.executable, "make_shards.py", "folder", "--src", str(src), "--out", str(out), "--workers", "1"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return out, data
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> tuple[Path, list[bytes]]:
+    return textured_shards(tmp_path_factory, SHAPES, seed=0)
 
 
 def grey_levels(images: torch.Tensor) -> torch.Tensor:
