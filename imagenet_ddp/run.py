@@ -22,6 +22,7 @@ from imagenet_ddp.data.stage import stage_node
 from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier, nodes, post_and_wait
 from imagenet_ddp.engine import evaluate, train_one_epoch
 from imagenet_ddp.errors import UserError
+from imagenet_ddp.evaluate import evaluate_splits, find_splits, metric_keys, plan_split
 from imagenet_ddp.finetune import init_from
 from imagenet_ddp.models import architecture, build_model
 from imagenet_ddp.state import make_state, seed_everything
@@ -48,6 +49,7 @@ def train(cfg, env, stop) -> int:
             val = evaluate(
                 {"": state.model, **({"ema": state.ema.module} if state.ema else {})}, run.val_loader, state
             )
+            val.update(extra_evaluation(run, epoch))
             saver.metrics, is_best = end_epoch(state, epoch, result, val)
             tracker.log_epoch(saver.metrics)
             saver.save(is_best)
@@ -100,6 +102,7 @@ def set_up(cfg, env, found) -> Run:
     where = {"rank": env.rank, "world_size": env.world_size, "device": env.device, "seed": cfg.train.seed}
     train_loader = build_loader(data, "train", **where)
     val_loader = build_loader(data, "val", train=False, **where)
+    extra_eval_splits(data, train_loader.classes)  # a wrong folder is an error before training
     cfg = resolve(cfg, env.world_size, env.device.type, len(train_loader))
     m = cfg.model
     variant = ("small_input", "zero_init_residual", "blurpool", "drop_path", "dropout")
@@ -138,6 +141,26 @@ def stage_shards(data, env, seed: int, epochs: range) -> None:
     ]
     if failed:
         raise UserError(f"staging the shards failed {failed[0]}")
+
+
+def extra_eval_splits(data, classes: list[str]) -> list:
+    """data.extra_eval's split folders, each checked against the model's classes (UserError)."""
+    splits = find_splits(data.extra_eval) if data.extra_eval else []
+    for split in splits:
+        plan_split(split, classes)
+    return splits
+
+
+def extra_evaluation(run: Run, epoch: int) -> dict:
+    """data.extra_eval's metrics (evaluate.metric_keys) after the last epoch and every
+    data.extra_eval_every epochs; nothing at the other epochs."""
+    data, done, every = run.data, epoch + 1, run.data.extra_eval_every
+    if not data.extra_eval or not (done == run.cfg.train.epochs or (every and done % every == 0)):
+        return {}
+    classes, env = run.train_loader.classes, run.env
+    splits = extra_eval_splits(data, classes)
+    results = evaluate_splits(run.state.model, classes, splits, data, run.state, env.rank, env.world_size)
+    return metric_keys(results)
 
 
 def check_resume(cfg, arch, ckpt, path) -> dict:

@@ -186,9 +186,25 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [k for k in compared if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
+_EVAL_COLUMNS = {"/top1": "top-1", "/real_top1": "ReaL top-1", "/mce": "mCE"}
+
+
+def eval_columns(runs: list[Run]) -> list[tuple[str, str]]:
+    """(metrics key, column) of the extra evaluation sets any run logged (data.extra_eval): their
+    top-1, ReaL top-1 and ImageNet-C mCE, e.g. ("eval/imagenet-r/val/top1", "imagenet-r/val top-1")."""
+    keys = sorted({k for r in runs for m in r.metrics for k in m if k.startswith("eval/")})
+    return [
+        (k, f"{k[5:].removesuffix(end)} {name}")
+        for k in keys
+        for end, name in _EVAL_COLUMNS.items()
+        if k.endswith(end)
+    ]
+
+
 def rows(runs: list[Run], target: float) -> tuple[list[str], list[list]]:
-    keys = differing_keys(runs)
+    keys, evals = differing_keys(runs), eval_columns(runs)
     header = ["run", "recipe", *keys, "epochs", "best top-1", "final top-1", "best top-5", "final top-5"]
+    header += [column for _, column in evals]
     header += [f"hours to {target:.1%}", "img/s", "device-hours", "status"]
     table = []
     for r in runs:
@@ -196,6 +212,7 @@ def rows(runs: list[Run], target: float) -> tuple[list[str], list[list]]:
         table.append(
             [r.name, r.recipe, *(r.config.get(k) for k in keys), f"{done}/{r.epochs}"]
             + [r.best("val_top1"), r.final("val_top1"), r.best("val_top5"), r.final("val_top5")]
+            + [r.final(key) for key, _ in evals]
             + [r.hours_to(target), r.images_per_sec, r.device_hours, r.state]
         )
     return header, table
@@ -204,7 +221,7 @@ def rows(runs: list[Run], target: float) -> tuple[list[str], list[list]]:
 def _cell(value, column: str = "") -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and "top-" in column:
+    if isinstance(value, float) and ("top-" in column or column.endswith("mCE")):
         return f"{value:.2%}"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -223,6 +240,16 @@ def load_anchor(name: str) -> dict:
     if name not in anchors:
         raise UserError(f"--anchor {name}: unknown; known: {', '.join(anchors)}")
     return anchors[name]
+
+
+def published_suite(anchor: dict) -> str | None:
+    """The anchor's published figures beyond val (ReaL, ImageNet-V2, -Sketch, -R, -A), one line."""
+    suite = anchor.get("suite")
+    if not suite:
+        return None
+    figures = ", ".join(f"{name} {value:.2%}" for name, value in suite["top1"].items())
+    figures += "".join(f", {missing.split(':')[0]} not found" for missing in suite.get("not_found", []))
+    return f"published top-1 of {anchor['title']}: {figures} ({suite['source']})"
 
 
 def plot(runs: list[Run], anchor: dict | None):
@@ -298,6 +325,8 @@ def write_report(path: Path, runs: list[Run], header, table, anchor: dict | None
     source = (
         f"<p>Anchor: {html.escape(anchor['title'])} ({html.escape(anchor['source'])})</p>" if anchor else ""
     )
+    if anchor and published_suite(anchor):
+        source += f"<p id='suite'>{html.escape(published_suite(anchor))}</p>"
     remarks = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>imagenet-ddp runs</title><style>"
@@ -335,6 +364,8 @@ def compare(args) -> int:
         writer.writerows([header, *table])
     else:
         print(format_table(header, table), end="")
+        if anchor and published_suite(anchor):
+            print(published_suite(anchor))
     if args.out:
         try:
             write_report(Path(args.out), runs, header, table, anchor, notes)

@@ -126,6 +126,12 @@ class Console:
             if "val_top1" in metrics
             else ""
         )
+        # data.extra_eval's sets: their top-1 (every key in metrics.jsonl and W&B)
+        val += "".join(
+            f" | {key[5:-5]} {value:.2%}"
+            for key, value in metrics.items()
+            if key.startswith("eval/") and key.endswith("/top1")
+        )
         self.info(
             f"epoch {metrics['epoch']}/{self.epochs} step {metrics['step']}: train loss {metrics['train_loss']:.4f} "
             f"top-1 {metrics['train_top1']:.2%}{val} | {metrics['images_per_sec']:.0f} img/s, "

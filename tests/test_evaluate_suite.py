@@ -109,6 +109,7 @@ def suite(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("suite")
     src, out = tmp / "src", tmp / "shards"
     val = write_tree(src / "imagenet" / "val", VAL, name=lambda i: f"ILSVRC2012_val_{i:08d}.JPEG")
+    write_tree(src / "imagenet" / "train", [(k, k, offset) for k in range(8) for offset in (-6, -2, 2, 6)])
     (src / "real.json").write_text(json.dumps([[INDICES[k] for k in labels] for labels in REAL]))
     pack("imagenet", val.parent, out / "imagenet", "--real-labels", src / "real.json")
     # The same images in ImageNet-V2's layout (folder = class index in sorted-wnid order) and Sketch's.
@@ -274,3 +275,26 @@ def test_an_exported_model_scores_as_its_checkpoint_on_both_loaders(suite, clf, 
     theirs = evaluate_suite(OnnxClassifier(onnx), splits, backend=backend, batch_size=4, workers=1)["splits"]
     keys = ("dataset", "images", "top1", "top5", "real_top1", "real_images")
     assert [[r.get(k) for k in keys] for r in theirs] == [[r.get(k) for k in keys] for r in ours]
+
+
+def test_training_scores_the_extra_sets_and_runs_compare_shows_them(suite, tmp_path, capsys):
+    import train_ddp
+    from imagenet_ddp import runs
+    from tests.test_train import read_metrics, small_run
+
+    run_dir = tmp_path / "run"
+    extra = f"data.extra_eval=[{suite['v2']},{suite['r']},{suite['c']}]"
+    argv = small_run(suite["val"].parent, run_dir, "train.epochs=2", "data.extra_eval_every=2", extra)
+    assert train_ddp.main([*argv, "data.eval_size=16"]) == 0
+    first, last = read_metrics(run_dir)
+    assert not any(k.startswith("eval/") for k in first)  # every 2 epochs, and after the last
+    # A model trained on the classes: its V2-layout copy of val scores as val.
+    assert last["eval/imagenet-v2/matched-frequency/top1"] == last["val_top1"]
+    assert {"eval/imagenet-r/val/top1", "eval/imagenet-c/mce", "eval/imagenet-c/fog-2/top5"} < set(last)
+    capsys.readouterr()
+    assert runs.main(["compare", str(run_dir), "--anchor", "timm-rn50-a3"]) == 0
+    out = capsys.readouterr().out
+    header, _, row, published = out.splitlines()
+    assert "imagenet-v2/matched-frequency top-1" in header and "imagenet-c mCE" in header
+    assert f"{last['eval/imagenet-c/mce']:.2%}" in row
+    assert published.startswith("published top-1 of timm ResNet-50 A3") and "ReaL 84.48%" in published

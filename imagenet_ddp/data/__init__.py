@@ -37,7 +37,7 @@ Backends are imported on demand: only `backend="dali"` needs NVIDIA DALI.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -113,6 +113,11 @@ class DataConfig:
     # before training, one process per node copies and verifies the shards its ranks will read, and
     # the loaders read them there (data/stage.py, slurm/README.md). None: read data.root only.
     stage_dir: str | None = None
+    # Splits scored beside val while training (make_shards.py split folders, e.g.
+    # shards/imagenet-v2/matched-frequency; a folder of splits such as shards/imagenet-c: each of them),
+    # as predict.py --evaluate scores them: logged as eval/<set>/<split>/top1, top5, real_top1, and eval/<set>/mce.
+    extra_eval: list[str] = field(default_factory=list)
+    extra_eval_every: int = 0  # epochs between the extra evaluations, which also follow the last epoch; 0: only then
 
 
     def __post_init__(self):
@@ -140,6 +145,8 @@ class DataConfig:
             raise UserError(
                 f"data.interpolation must be one of {', '.join(INTERPOLATIONS)} (or null), not {self.interpolation!r}"
             )
+        if self.extra_eval_every < 0:
+            raise UserError(f"data.extra_eval_every must be 0 (after the last epoch only) or more, not {self.extra_eval_every}")
         self._check_augment()
         self._check_dali()
         if self.progressive_start_size:
