@@ -184,3 +184,11 @@ def test_layer_decay_out_of_range_is_a_one_line_error():
 
     with pytest.raises(ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
         resolve(load_config(None, ["optim.layer_decay=1.5"]), 1, "cpu", batches_per_epoch=8)
+
+
+def test_layer_decay_on_a_model_without_per_block_groups_is_refused_in_one_line():
+    from imagenet_ddp.errors import UserError
+    from tests.test_optim import tiny_state
+
+    with pytest.raises(UserError, match="optim.layer_decay: no per-block grouping is known for .*ResNet"):
+        tiny_state(["optim.name=adamw", "optim.layer_decay=0.7"])  # model.name: resnet50
