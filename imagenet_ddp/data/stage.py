@@ -17,7 +17,7 @@ files in sequence, and nothing during training. The price is the wait before the
 the local disk it takes (the console reports both; a full disk falls back to the shared copy).
 
 Layout: <stage_dir>/<split fingerprint>/<split>/<shard>.tar, its .idx and <shard>.tar.staged, the
-record of the verified copy: its sha256 (the manifest's, computed while copying), size, inode and
+record of the verified copy: its sha256 (the manifest's, computed from the copy), size, inode and
 mtime in nanoseconds. A later run on the node reuses a copy whose record matches the manifest and
 whose size, inode and mtime are still those recorded: any write to the copy changes its mtime, so
 140 GB are not hashed again. Copies are written to a temporary name and renamed, so a copy that is
@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from imagenet_ddp.data import plan
 from imagenet_ddp.data.shardset import Shard, ShardSplit, open_split
 from imagenet_ddp.errors import UserError
 
-CHUNK = 8 << 20  # large sequential reads: what a shared filesystem serves best
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -146,18 +144,13 @@ def _copy_verified(shard: Shard, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp_index = dest.with_name(f".{shard.index_path.name}.{os.getpid()}.tmp")
     try:
-        digest = hashlib.sha256()
-        # Hashing a chunk in a thread while the main thread writes it and reads the next (both
-        # release the GIL): the copy goes at the slowest of read, hash and write, not their sum.
-        with ThreadPoolExecutor(1) as hasher, open(shard.path, "rb") as src, open(tmp, "wb") as out:
-            hashed = hasher.submit(lambda: None)
-            while chunk := src.read(CHUNK):
-                hashed.result()
-                hashed = hasher.submit(digest.update, chunk)
-                out.write(chunk)
-            hashed.result()
-            out.flush()
-            os.fsync(out.fileno())
+        # The kernel copies (sendfile: no pass through Python), then the copy itself is hashed, read
+        # back from the page cache: 2x faster than hashing while writing from Python, and it checks
+        # the bytes that will be read.
+        shutil.copyfile(shard.path, tmp)
+        with open(tmp, "rb") as copy:
+            digest = hashlib.file_digest(copy, "sha256")
+            os.fsync(copy.fileno())
         if digest.hexdigest() != shard.sha256 or tmp.stat().st_size != shard.bytes:
             raise UserError(
                 f"shard {shard.path} differs from its manifest (sha256 or size) while staging it: the shared "
