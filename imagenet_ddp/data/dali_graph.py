@@ -19,8 +19,8 @@ from nvidia.dali import pipeline_def
 from imagenet_ddp.data.augment import dali_policy
 from imagenet_ddp.data.presets import CROP_ASPECT
 
-# data.interpolation in DALI's terms. DALI's cubic filter is not torch's (Keys' a=-0.5 against torch's
-# a=-0.75): a bicubic resize differs from torchvision's by more than a grey level (docs/loaders.md).
+# data.interpolation in DALI's terms. DALI's cubic is the kernel of torch's antialiased bicubic (Keys'
+# a=-0.5, PIL's) read from a 129-point table: up to 3 grey levels from torchvision's (docs/loaders.md).
 INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
