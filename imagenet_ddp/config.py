@@ -56,18 +56,27 @@ DataConfig = _data_section()
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"  # a torchvision.models name, see models.MODELS
+    # A torchvision.models name (resnet50, convnext_tiny, vit_b_16, ...) or timm/<a timm model name>
+    # (timm/vit_small_patch16_224, timm/convnext_tiny), randomly initialised (docs/models.md).
+    name: str = "resnet50"
     small_input: bool = False  # stem for 32-64 px inputs: 3x3 stride-1 first conv, no max-pool
     zero_init_residual: bool = True  # ResNets: last BN of each block starts at 0 (Goyal et al. 2017)
     # Start from weights (imagenet_ddp/finetune.py): a checkpoint of this project, a state_dict file,
     # or torchvision:<Weights>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2); None: random.
     init_from: str | None = None
-    freeze: str = "none"  # none | backbone | a stage (ResNet: stem, layer1..4): frozen up to it, BN in eval
+    # none | backbone | a stage or block, frozen with all before it, BN in eval (ResNet: stem, layer1..4;
+    # timm ViT: stem, blocks.0..; timm ConvNeXt: stem, stages.0..3; docs/models.md lists them)
+    freeze: str = "none"
     blurpool: bool = False  # ResNets: blur (3x3 binomial) before each strided convolution (FFCV, Composer)
     drop_path: float | None = (
         None  # stochastic depth rate of the last block; None: the architecture's default
     )
     dropout: float | None = None  # before the classifier; None: the architecture's default
+    # ResNets' convolutions: fan_out (torchvision's kaiming_normal_) or fan_in (NVIDIA's ResNet-50 v1.5)
+    conv_init: Literal["fan_out", "fan_in"] = "fan_out"
+    # Keyword arguments for timm.create_model or torchvision's builder, e.g. {global_pool: avg,
+    # class_token: false} for a plain ViT (timm train.py's --model-kwargs); recorded in checkpoints.
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,6 +204,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, "None" if tp is type(None) else str(tp)
     )
@@ -218,6 +229,10 @@ def _check_value(value, tp, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected {_type_name(tp)} like [a, b], got {value!r}")
         return [_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {value!r}")
+        return dict(value)
     # bool is an int in Python; a config that says `epochs: true` is a mistake, not 1.
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -429,14 +444,9 @@ def _nonfinite(cfg: Config) -> str | None:
     return None
 
 
-def _has_batchnorm(name: str) -> bool:
-    import torch
+def _has_batchnorm(model) -> bool:
     from torch import nn
 
-    from imagenet_ddp.models import architecture, build_model
-
-    with torch.device("meta"):  # no memory, no initialization: only the layer types are wanted
-        model = build_model(**architecture(name, 2))
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -520,20 +530,19 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     loader_config(cfg)
-    if t.batch_size == 1 and _has_batchnorm(cfg.model.name):
+    from imagenet_ddp.finetune import check_freeze
+    from imagenet_ddp.models import model_architecture, skeleton
+
+    try:  # the network is built without memory (meta tensors): its own errors come out here
+        model = skeleton(**model_architecture(cfg.model, 2, d.image_size, d.eval_size))
+        check_freeze(cfg.model.name, cfg.model.freeze, model)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if t.batch_size == 1 and _has_batchnorm(model):
         raise ConfigError(
             f"train.batch_size=1 with {cfg.model.name}'s BatchNorm: its statistics need at least 2 "
             "images per rank; use train.batch_size>=2 (train.grad_accum keeps a global batch)"
         )
-    from imagenet_ddp.finetune import check_freeze
-    from imagenet_ddp.models import architecture
-
-    try:
-        m = cfg.model
-        architecture(m.name, 1, blurpool=m.blurpool, drop_path=m.drop_path, dropout=m.dropout)
-        check_freeze(cfg.model.name, cfg.model.freeze)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
     return cfg
 
 

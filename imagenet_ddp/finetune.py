@@ -5,9 +5,15 @@
 
 `model.init_from` is one of
     a checkpoint of this project (best.pt, last.pt): weights, classes (wnids) and architecture;
-    a plain state_dict file (torch.save(model.state_dict())), also {"state_dict": ...} or {"model": ...};
+    a plain state_dict file (torch.save(model.state_dict()), or .safetensors), also {"state_dict": ...}
+    or {"model": ...};
     torchvision:<Weights>.<NAME>, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2: read from TORCH_HOME
     (torch.hub.get_dir()/checkpoints, where torchvision caches it), downloaded there when online.
+    timm:<name>.<tag>, e.g. timm:convnext_tiny.fb_in1k: timm's weights read from the Hugging Face cache
+    (HF_HOME), never downloaded; a file of them (.safetensors, .bin, .pth) is given by its path.
+
+A timm model's weights pass through timm's own checkpoint_filter_fn first, as timm's pretrained
+loading does (a ViT's position embeddings resampled to model.img_size, for one).
 
 The backbone must fit exactly (same keys and shapes): anything else is a one-line error naming the
 keys. The head is kept when the classes are the same; when both sides know their classes (wnids, or
@@ -26,10 +32,11 @@ import torch
 from torch import nn
 
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.models import adapter_for, skeleton
+from imagenet_ddp.models import TIMM_PREFIX, adapter_for, skeleton
 from imagenet_ddp.shards import file_sha256
 
 TORCHVISION = "torchvision:"
+TIMM = "timm:"
 DOWNLOAD_TIMEOUT_S = 30
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes in state_dicts saved wrapped
 
@@ -79,12 +86,16 @@ def read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None,
     """(state_dict, classes or None, architecture name or None, digest) of a model.init_from value."""
     if source.startswith(TORCHVISION):
         return _torchvision_weights(source[len(TORCHVISION) :])
+    if source.startswith(TIMM):
+        return _timm_weights(source[len(TIMM) :])
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"model.init_from {source}: no such file (or torchvision:<Weights>.<NAME>)")
+        raise UserError(
+            f"model.init_from {source}: no such file (or torchvision:<Weights>.<NAME>, timm:<name>.<tag>)"
+        )
     digest = file_sha256(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _load_weights_file(path)
     except Exception as e:  # damaged, not a torch file, or code that weights_only refuses to run
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -107,8 +118,10 @@ def read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None,
 def init_from(model: nn.Module, model_name: str, source: str, classes: list[str]) -> dict:
     """Load `source` into `model` (built for `classes`), in place. Returns what a checkpoint records."""
     weights, source_classes, source_name, digest = read_source(source)
-    if source_name is not None and source_name != model_name:
+    if source_name is not None and source_name.split(".")[0] != model_name.split(".")[0]:
         raise UserError(f"model.init_from {source} holds a {source_name}, not a {model_name} (model.name)")
+    if source_name is None or source_name.startswith(TIMM_PREFIX):
+        weights = _timm_filtered(model, weights)
     head = head_name(model_name, model)
     head_keys = {f"{head}.weight", f"{head}.bias"}
     target = model.state_dict()
@@ -188,6 +201,54 @@ def _torchvision_weights(name: str) -> tuple[dict, list[str], str, str]:
         ) from None
     classes = sorted(imagenet_names("en")) if len(weights.meta.get("categories", [])) == 1000 else None
     return weights_dict, classes, model_name, file_sha256(path)
+
+
+def _timm_weights(spec: str) -> tuple[dict, list[str] | None, str, str]:
+    """timm's pretrained weights `spec` (name or name.tag) from the Hugging Face cache; never downloads."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from imagenet_ddp.labels import imagenet_names
+
+    cfg = timm.models.get_pretrained_cfg(spec) if timm.is_model(spec.split(".")[0]) else None
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(
+            f"model.init_from timm:{spec}: timm has no such pretrained weights on the Hugging Face hub"
+        )
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    found = [try_to_load_from_cache(cfg.hf_hub_id, f) for f in files]
+    path = next((Path(p) for p in found if isinstance(p, str)), None)
+    if path is None:
+        raise UserError(
+            f"model.init_from timm:{spec}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"never downloaded by training: run `hf download {cfg.hf_hub_id} {files[0]}` where there is "
+            "network (the same HF_HOME), or give the file: model.init_from=PATH"
+        )
+    weights = _load_weights_file(path)
+    classes = sorted(imagenet_names("en")) if cfg.num_classes == 1000 else None
+    return weights, classes, TIMM_PREFIX + cfg.architecture, file_sha256(path)
+
+
+def _load_weights_file(path: Path):
+    """A .safetensors file's tensors, or what torch.load reads safely (.pth, .pt, .bin)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _timm_filtered(model: nn.Module, weights: dict) -> dict:
+    """timm's own adaptation of a state_dict to a timm model (its module's checkpoint_filter_fn, as
+    timm's load_pretrained applies it): position embeddings resampled to the model's img_size,
+    original-layout keys renamed. Other models' weights as they are."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    fit = getattr(module, "checkpoint_filter_fn", None)
+    if not type(model).__module__.startswith("timm.") or fit is None:
+        return weights
+    return fit(weights, model)
 
 
 def _download(url: str, path: Path, name: str) -> None:

@@ -119,7 +119,7 @@ class Classifier:
     def __init__(self, ckpt: dict, *, device="auto", precision="auto", ema=False, source="checkpoint"):
         from torchvision.transforms import InterpolationMode
 
-        from imagenet_ddp.models import build_model
+        from imagenet_ddp.models import adapter_for, build_model
 
         try:
             arch, classes, pre = ckpt["architecture"], list(ckpt["classes"]), dict(ckpt["preprocess"])
@@ -150,7 +150,9 @@ class Classifier:
         if self.device.type == "cpu" and self.precision == "fp16":
             self.precision = "bf16"  # fp16 autocast on CPU is slow and not what training did there
         self.amp_dtype = PRECISIONS[self.precision]
-        self.channels_last = bool((config.get("train") or {}).get("channels_last", False))
+        # As training ran: channels_last where the config asked for it and the model gains (not ViTs).
+        asked = bool((config.get("train") or {}).get("channels_last", False))
+        self.channels_last = asked and adapter_for(arch["name"]).channels_last(model)
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=fmt).eval().requires_grad_(False)
         self.architecture, self.classes = arch, classes

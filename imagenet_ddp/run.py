@@ -24,7 +24,7 @@ from imagenet_ddp.engine import evaluate, train_one_epoch
 from imagenet_ddp.errors import UserError
 from imagenet_ddp.evaluate import evaluate_splits, find_splits, metric_keys, plan_split
 from imagenet_ddp.finetune import init_from
-from imagenet_ddp.models import architecture, build_model
+from imagenet_ddp.models import architecture, build_model, model_architecture
 from imagenet_ddp.state import make_state, seed_everything
 from imagenet_ddp.tracking import make_tracker, run_facts
 
@@ -105,8 +105,7 @@ def set_up(cfg, env, found) -> Run:
     extra_eval_splits(data, train_loader.classes)  # a wrong folder is an error before training
     cfg = resolve(cfg, env.world_size, env.device.type, len(train_loader))
     m = cfg.model
-    variant = ("small_input", "zero_init_residual", "blurpool", "drop_path", "dropout")
-    arch = architecture(m.name, train_loader.num_classes, **{key: getattr(m, key) for key in variant})
+    arch = model_architecture(m, train_loader.num_classes, cfg.data.image_size, cfg.data.eval_size)
     model, ckpt = build_model(**arch), found[0] if found else None
     changes: dict = {}
     # Weights to start from: before anything is written (a bad source is a one-line error), and

@@ -238,12 +238,12 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     if t.deterministic:
         deterministic_pooling(model)
     frozen_norms = freeze(model, cfg.model.name, cfg.model.freeze)  # before DDP: it skips frozen ones
-    model = model.to(
-        env.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format
-    )
+    # channels_last where the model gains from it: not ViTs (their one convolution embeds patches).
+    channels_last = t.channels_last and adapter_for(cfg.model.name).channels_last(model)
+    model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     # SGD is fused: one kernel for all parameters, and it skips a non-finite step on the device. The
     # other optimizers (timm's) skip on the host: one sync per step (engine._step_unless).
-    head = model.get_submodule(head_name(cfg.model.name)) if o.backbone_lr_mult != 1.0 else None
+    head = model.get_submodule(head_name(cfg.model.name, model)) if o.backbone_lr_mult != 1.0 else None
     groups = model_param_groups(model, o, adapter_for(cfg.model.name), head)
     optimizer = build_optimizer(groups, o, d.lr, env.device)
     if env.world_size > 1:
@@ -261,7 +261,7 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
         criterion=build_criterion(t),
         device=env.device,
         amp_dtype=AMP_DTYPES[d.precision],
-        channels_last=t.channels_last,
+        channels_last=channels_last,
         grad_clip=t.grad_clip,
         ema=ema,
         buffers=BufferGuard(model),
@@ -275,7 +275,7 @@ def batch_augment(cfg: Config, rank: int, model: nn.Module) -> BatchAugment | No
     """The train batch's random erasing, MixUp and CutMix as `cfg` asks, or None for none of them."""
     t = cfg.train
     mixing = t.mixup_alpha > 0 or t.cutmix_alpha > 0
-    num_classes = model.get_submodule(head_name(cfg.model.name)).out_features if mixing else 0
+    num_classes = model.get_submodule(head_name(cfg.model.name, model)).out_features if mixing else 0
     augment = BatchAugment(
         random_erase=cfg.data.random_erase,
         mixup_alpha=t.mixup_alpha,

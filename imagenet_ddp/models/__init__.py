@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_DROPOUT",
     "EFFICIENTNETS",
     "RESNETS",
+    "TIMM_PREFIX",
     "Adapter",
     "BlurPoolConv2d",
     "GlobalAvgPool",

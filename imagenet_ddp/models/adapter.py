@@ -18,6 +18,7 @@ names. Families: resnet.py (torchvision's ResNet, ResNeXt, Wide ResNet), efficie
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -147,6 +148,18 @@ def _group_name(names: list[str], index: int) -> str:
         prefix.append(nexts.most_common(1)[0][0])
         if prefix[-1].isdigit():  # a numbered stage or block: its own name, not a part of it
             return ".".join(prefix)
+
+
+def unknown_keyword(error: TypeError, name: str) -> UserError:
+    """A builder's TypeError for an unexpected keyword argument as a one-line error naming the key."""
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    what = unexpected.group(1) if unexpected else str(error).splitlines()[0]
+    key = {
+        "drop_path_rate": "model.drop_path",
+        "stochastic_depth_prob": "model.drop_path",
+        "dropout": "model.dropout",
+    }.get(what)
+    return UserError(f"{key or 'model.kwargs.' + what}: {name} does not take {what!r}")
 
 
 def _under(param_name: str, module_name: str) -> bool:

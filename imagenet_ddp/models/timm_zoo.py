@@ -13,12 +13,10 @@ are timm's own (group_matcher, pretrained_cfg["classifier"], no_weight_decay()).
 from __future__ import annotations
 
 import functools
-import re
 
 from torch import nn
 
-from imagenet_ddp.errors import UserError
-from imagenet_ddp.models.adapter import DEFAULT_INPUT, Adapter
+from imagenet_ddp.models.adapter import DEFAULT_INPUT, Adapter, unknown_keyword
 
 PREFIX = "timm/"
 
@@ -58,10 +56,7 @@ class TimmAdapter(Adapter):
                 name, pretrained=False, num_classes=arch["num_classes"], drop_rate=arch["dropout"], **kwargs
             )
         except TypeError as e:
-            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-            what = unexpected.group(1) if unexpected else str(e).splitlines()[0]
-            key = "model.drop_path" if what == "drop_path_rate" else f"model.kwargs.{what}"
-            raise UserError(f"{key}: {arch['name']} does not take {what!r}") from None
+            raise unknown_keyword(e, arch["name"]) from None
 
     def defaults(self, name: str) -> dict:
         return timm_defaults(name[len(PREFIX) :])

@@ -12,11 +12,12 @@ numbered as timm numbers its own ViT, ConvNeXt and Swin; the others freeze only 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 
 from torch import nn
 
-from imagenet_ddp.models.adapter import DEFAULT_INPUT, Adapter
+from imagenet_ddp.models.adapter import DEFAULT_INPUT, Adapter, unknown_keyword
 
 LAST = (float("inf"),)  # timm's ordinal of what its matcher leaves out (the head): the last layer
 WITH_PREVIOUS = 99999.0  # timm's MATCH_PREV_GROUP: the final norm shares the last block's layer
@@ -68,7 +69,18 @@ class TorchvisionAdapter(Adapter):
             kwargs["dropout"] = arch["dropout"]
         if arch.get("img_size"):
             kwargs["image_size"] = arch["img_size"]
-        return torchvision.models.get_model(name, weights=None, num_classes=arch["num_classes"], **kwargs)
+        try:
+            model = torchvision.models.get_model(
+                name, weights=None, num_classes=arch["num_classes"], **kwargs
+            )
+        except TypeError as e:
+            raise unknown_keyword(e, name) from None
+        # Some classes take **kwargs and ignore what they do not know (ConvNeXt): a typo would pass.
+        init = inspect.signature(type(model).__init__).parameters
+        ignored = [k for k in kwargs if k not in init and k not in BUILDER_DEFAULTS.get(name, {})]
+        if ignored:
+            raise unknown_keyword(TypeError(f"unexpected keyword argument '{ignored[0]}'"), name)
+        return model
 
     def defaults(self, name: str) -> dict:
         return torchvision_defaults(name)
