@@ -249,7 +249,11 @@ def published_suite(anchor: dict) -> str | None:
         return None
     figures = ", ".join(f"{name} {value:.2%}" for name, value in suite["top1"].items())
     figures += "".join(f", {missing.split(':')[0]} not found" for missing in suite.get("not_found", []))
-    return f"published top-1 of {anchor['title']}: {figures} ({suite['source']})"
+    sources = suite["source"]
+    if "mce" in suite:
+        figures += f"; ImageNet-C mCE {suite['mce']:.1%}"
+        sources += f"; mCE: {suite['mce_source']}"
+    return f"published top-1 of {anchor['title']}: {figures} ({sources})"
 
 
 def plot(runs: list[Run], anchor: dict | None):
