@@ -15,6 +15,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch.nn import functional as F
 
+from imagenet_ddp import optim
 from imagenet_ddp.config import OptimConfig, load_config, resolve
 from imagenet_ddp.engine import train_step
 from imagenet_ddp.models import adapter_for
@@ -161,16 +162,23 @@ def vit_state(overrides):
     return make_state(model, resolve(cfg, 1, "cpu", batches_per_epoch=8), CPU)
 
 
-def test_adamw_skips_non_finite_steps_and_resumes_exactly_with_its_layer_scales(tmp_path):
-    """make_state builds AdamW (foreach on a CPU) with the layer groups; train_step sets each group's LR
-    to the schedule's times its scale; a NaN step changes nothing; a state saved and loaded through a
-    checkpoint file steps on bitwise as if never interrupted."""
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_adamw_skips_non_finite_steps_and_resumes_exactly_with_its_layer_scales(
+    kernel, tmp_path, monkeypatch
+):
+    """make_state builds AdamW with the layer groups: foreach on a CPU (skipping on the host), fused on
+    CUDA (skipping on the device with found_inf; run here with torch's fused CPU kernel); train_step
+    sets each group's LR to the schedule's times its scale; a NaN step changes nothing, the step count
+    included; a state saved and loaded through a checkpoint file steps on bitwise as if never
+    interrupted."""
+    if kernel == "fused":
+        monkeypatch.setattr(optim, "ADAMW_FUSED_DEVICES", ("cuda", "cpu"))
     overrides = ["optim.layer_decay=0.65"]
     generator = torch.Generator().manual_seed(3)
     batches = [(torch.randn(2, 3, SIDE, SIDE, generator=generator), torch.tensor([0, 3])) for _ in range(2)]
     bad = (torch.full((2, 3, SIDE, SIDE), math.nan), torch.zeros(2, dtype=torch.long))
     straight = vit_state(overrides)
-    assert isinstance(straight.optimizer, torch.optim.AdamW) and straight.optimizer.defaults["foreach"]
+    assert isinstance(straight.optimizer, torch.optim.AdamW) and straight.optimizer.defaults[kernel]
     train_step(straight, [batches[0]])
     scales = [g["lr_mult"] for g in straight.optimizer.param_groups]
     lr = straight.schedule(0)
