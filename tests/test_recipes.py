@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,8 @@ def test_each_recipe_trains_two_steps_and_validates(
         else eval_resize_size(SIDE, written.data.eval_crop_ratio)
     )
     assert (saved["preprocess"]["resize"], saved["preprocess"]["crop"]) == (expected, SIDE)
+    if written.data.interpolation:  # and with the recipe's resize filter
+        assert saved["preprocess"]["interpolation"] == written.data.interpolation
     if written.model.init_from:  # the weights it starts from were read
         file = torch_home / "hub" / "checkpoints" / weights_file(written.model.init_from)
         assert saved["init_from"]["source"] == written.model.init_from
@@ -130,11 +133,42 @@ def test_each_recipe_trains_two_steps_and_validates(
 
 
 RECIPE_KEYS = {
-    "data": ("auto_augment", "eval_crop_ratio", "random_erase"),
-    "train": ("compile", "grad_accum", "loss", "mixup_alpha", "cutmix_alpha", "ema_decay", "precision"),
-    "model": ("name", "init_from"),
-    "optim": ("name",),
+    "data": ("auto_augment", "eval_crop_ratio", "random_erase", "interpolation", "crop_area_min"),
+    "train": (
+        "compile",
+        "grad_accum",
+        "loss",
+        "mixup_alpha",
+        "cutmix_alpha",
+        "ema_decay",
+        "precision",
+        "grad_clip",
+    ),
+    "model": ("name", "init_from", "drop_path"),
+    "optim": ("name", "weight_decay", "warmup_overlaps_decay"),
 }
+
+
+# A recipe and its published figure in `runs compare --anchor` (imagenet_ddp/anchors_data/anchors.json).
+RECIPE_ANCHORS = {
+    "torchvision_resnet50_v2": "torchvision-rn50-v2",
+    "torchvision_regnet_y_1_6gf": "torchvision-regnet-y-1.6gf",
+    "convnext_tiny": "convnext-tiny",
+}
+
+
+@pytest.mark.parametrize("recipe, anchor", RECIPE_ANCHORS.items())
+def test_a_recipes_expected_figure_and_epochs_are_its_anchors(recipe, anchor):
+    """The header's first "Expected: X%" and the recipe's epochs are a point `runs compare --anchor`
+    plots; the anchor names its source."""
+    from imagenet_ddp.runs import load_anchor
+
+    path = REPO / "configs" / f"{recipe}.yaml"
+    expected = float(re.search(r"Expected: (\d+\.\d+)%", path.read_text())[1])
+    published = load_anchor(anchor)
+    assert published["source"] and published["title"]
+    [point] = [p for p in published["points"] if p["epochs"] == load_config(path).train.epochs]
+    assert abs(100 * point["top1"] - expected) < 0.06, (point, expected)
 
 
 EVERYTHING = (
