@@ -182,11 +182,15 @@ def check_nonfinite(state: TrainState, limit: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
+def evaluate(models: dict[str, nn.Module], loader, state: TrainState, real: dict | None = None) -> dict:
     """Exact top-1/top-5 of each model over the whole split, in one pass over it: every rank sums its
     own samples, then one all-reduce. Keys: val_count, and val_loss, val_top1, val_top5 with the
     model's name as a suffix ("": none; "ema": val_top1_ema, ...). Samples a loader pads to even out
-    ranks carry a negative label (PAD_LABEL) and are not counted."""
+    ranks carry a negative label (PAD_LABEL) and are not counted.
+
+    `real`: the split's ReaL sets ({"sets": one list of class indices per sample in manifest order,
+    "first": this rank's first sample}, see evaluate.real_of): adds val_real_count and val_real_top1
+    (a prediction in the image's set; images with an empty set not counted)."""
     # The unwrapped modules: no DDP forward and so no collective per batch. Their BatchNorm statistics
     # moved with each rank's last batch: every rank evaluates rank 0's, the ones a checkpoint holds.
     models = {name: unwrap(model) for name, model in models.items()}
@@ -194,12 +198,16 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
     for model in models.values():
         broadcast_buffers(model)
         model.eval()
-    # Per model: loss sum, top-1, top-5, count.
-    totals = torch.zeros(len(models), 4, dtype=torch.float64, device=state.device)
+    # Per model: loss sum, top-1, top-5, count, ReaL hits, ReaL count.
+    totals = torch.zeros(len(models), 6, dtype=torch.float64, device=state.device)
+    position = real["first"] if real else 0
     for images, labels in loader:
         images = _inputs(state, images)
         valid = labels >= 0
         labels = labels[valid]
+        if real:  # each sample's position in the split: a sync per batch, with ReaL labels only
+            sets = real["sets"][position : position + len(labels)]
+            position += len(sets)
         for row, model in zip(totals, models.values(), strict=True):
             with _autocast(state):
                 logits = model(images).float()
@@ -211,10 +219,20 @@ def evaluate(models: dict[str, nn.Module], loader, state: TrainState) -> dict:
             row[1] += hits[:, 0].sum()
             row[2] += hits.any(1).sum()
             row[3] += len(labels)
+            if real:
+                predicted = logits.argmax(1).tolist()
+                row[4] += sum(p in s for p, s in zip(predicted, sets, strict=True))
+                row[5] += sum(1 for s in sets if s)
     all_reduce_sum(totals)
     result = {}
-    for (name, model), (loss, top1, top5, count) in zip(models.items(), totals.tolist(), strict=True):
+    for (name, model), (loss, top1, top5, count, real_hits, real_count) in zip(
+        models.items(), totals.tolist(), strict=True
+    ):
         result["val_count"] = int(count)  # the same for every model
+        if real:
+            suffix = f"_{name}" if name else ""
+            result["val_real_count"] = int(real_count)
+            result[f"val_real_top1{suffix}"] = real_hits / max(real_count, 1)
         model.train(was_training[name])
         n, suffix = max(count, 1), f"_{name}" if name else ""
         result.update(

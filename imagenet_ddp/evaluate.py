@@ -134,6 +134,18 @@ def _real_labels(split_dir: Path, label_map: torch.Tensor) -> list[list[int]] | 
     return [[mapped[c] for c in s if mapped[c] >= 0] if s else [] for s in sets]
 
 
+def real_of(split_dir: str | Path, rank: int = 0, world_size: int = 1) -> dict | None:
+    """engine.evaluate's `real` for a split whose classes are the model's (training's val): its ReaL
+    sets and this rank's first sample; None when it has no ReaL labels."""
+    from imagenet_ddp.data.plan import rank_range
+    from imagenet_ddp.evalsets import read_real_labels
+
+    if not (Path(split_dir) / "manifest.json").is_file():
+        return None  # synthetic data
+    sets = read_real_labels(split_dir)
+    return None if sets is None else {"sets": sets, "first": rank_range(len(sets), rank, world_size)[0]}
+
+
 def split_loader(data_cfg, split_dir: Path, *, rank: int, world_size: int, device):
     """The eval loader of one split folder, with the loaders' settings of `data_cfg`."""
     from imagenet_ddp.data import build_loader

@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagenet_ddp import checkpoint as ck
@@ -22,7 +23,7 @@ from imagenet_ddp.data.stage import stage_node
 from imagenet_ddp.dist import EXIT_REQUEUE, all_gather_object, barrier, nodes, post_and_wait
 from imagenet_ddp.engine import evaluate, train_one_epoch
 from imagenet_ddp.errors import UserError
-from imagenet_ddp.evaluate import evaluate_splits, find_splits, metric_keys, plan_split
+from imagenet_ddp.evaluate import evaluate_splits, find_splits, metric_keys, plan_split, real_of
 from imagenet_ddp.finetune import init_from
 from imagenet_ddp.models import architecture, build_model, model_architecture
 from imagenet_ddp.state import make_state, seed_everything
@@ -47,7 +48,10 @@ def train(cfg, env, stop) -> int:
                 saver.save()
                 return requeue(tracker, f"stopped by signal at step {state.step}", ckpts)
             val = evaluate(
-                {"": state.model, **({"ema": state.ema.module} if state.ema else {})}, run.val_loader, state
+                {"": state.model, **({"ema": state.ema.module} if state.ema else {})},
+                run.val_loader,
+                state,
+                real=run.val_real,
             )
             val.update(extra_evaluation(run, epoch))
             saver.metrics, is_best = end_epoch(state, epoch, result, val)
@@ -82,6 +86,7 @@ class Run:
     origin: dict | None
     ckpt: dict | None
     changes: dict
+    val_real: dict | None = None  # the val split's ReaL labels, when it has them (evaluate.real_of)
 
 
 def latest_checkpoint(cfg, ckpts) -> tuple[dict, Any] | None:
@@ -116,7 +121,8 @@ def set_up(cfg, env, found) -> Run:
     if ckpt is not None:
         changes = check_resume(cfg, arch, *found)
         state.load_checkpoint(ckpt, env.rank, env.world_size, train_loader)
-    return Run(cfg, env, data, train_loader, val_loader, arch, state, origin, ckpt, changes)
+    val_real = real_of(Path(data.root) / "val", env.rank, env.world_size)
+    return Run(cfg, env, data, train_loader, val_loader, arch, state, origin, ckpt, changes, val_real)
 
 
 def stage_shards(data, env, seed: int, epochs: range) -> None:

@@ -190,10 +190,16 @@ _EVAL_COLUMNS = {"/top1": "top-1", "/real_top1": "ReaL top-1", "/mce": "mCE"}
 
 
 def eval_columns(runs: list[Run]) -> list[tuple[str, str]]:
-    """(metrics key, column) of the extra evaluation sets any run logged (data.extra_eval): their
-    top-1, ReaL top-1 and ImageNet-C mCE, e.g. ("eval/imagenet-r/val/top1", "imagenet-r/val top-1")."""
+    """(metrics key, column) of val's ReaL top-1 and of the extra evaluation sets any run logged
+    (data.extra_eval): their top-1, ReaL top-1 and ImageNet-C mCE, e.g. ("eval/imagenet-r/val/top1",
+    "imagenet-r/val top-1")."""
     keys = sorted({k for r in runs for m in r.metrics for k in m if k.startswith("eval/")})
-    return [
+    real = (
+        [("val_real_top1", "final ReaL top-1")]
+        if any(r.best("val_real_top1") is not None for r in runs)
+        else []
+    )
+    return real + [
         (k, f"{k[5:].removesuffix(end)} {name}")
         for k in keys
         for end, name in _EVAL_COLUMNS.items()

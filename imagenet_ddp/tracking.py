@@ -126,6 +126,8 @@ class Console:
             if "val_top1" in metrics
             else ""
         )
+        if "val_real_top1" in metrics:
+            val += f" ReaL {metrics['val_real_top1']:.2%}"
         # data.extra_eval's sets: their top-1 (every key in metrics.jsonl and W&B)
         val += "".join(
             f" | {key[5:-5]} {value:.2%}"

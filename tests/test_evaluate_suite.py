@@ -291,10 +291,21 @@ def test_training_scores_the_extra_sets_and_runs_compare_shows_them(suite, tmp_p
     # A model trained on the classes: its V2-layout copy of val scores as val.
     assert last["eval/imagenet-v2/matched-frequency/top1"] == last["val_top1"]
     assert {"eval/imagenet-r/val/top1", "eval/imagenet-c/mce", "eval/imagenet-c/fog-2/top5"} < set(last)
+    # Val's ReaL top-1 beside its top-1 at every epoch, as predict.py scores the saved model.
+    [val] = evaluate_suite(Classifier.from_checkpoint(run_dir / "last.pt"), [suite["val"]], workers=0)[
+        "splits"
+    ]
+    assert (val["top1"], val["real_top1"], val["real_images"]) == (
+        last["val_top1"],
+        last["val_real_top1"],
+        last["val_real_count"],
+    )
+    assert first["val_real_count"] == 8
     capsys.readouterr()
     assert runs.main(["compare", str(run_dir), "--anchor", "timm-rn50-a3"]) == 0
     out = capsys.readouterr().out
     header, _, row, published = out.splitlines()
     assert "imagenet-v2/matched-frequency top-1" in header and "imagenet-c mCE" in header
+    assert "final ReaL top-1" in header
     assert f"{last['eval/imagenet-c/mce']:.2%}" in row
     assert published.startswith("published top-1 of timm ResNet-50 A3") and "ReaL 84.48%" in published
