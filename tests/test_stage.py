@@ -231,6 +231,7 @@ def cluster(request):
         return request.getfixturevalue("slurm")
 
 
+@pytest.mark.slow
 def test_a_slurm_job_stages_once_per_node_into_each_node_folder(cluster, shards, tmp_path):
     nodes = getattr(cluster, "nodes", [])
     if len(nodes) > 1:  # one node-local folder per node, at the same path on every node

@@ -33,7 +33,7 @@ RECIPE = "configs/demo.yaml"
 CPU_TASK = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=1500M", "--time=10"]
 LINES = """\
 # learning rates; one run per line
-optim.lr=0.1
+optim.lr=0.1 train.epochs=4
 optim.lr=0.2 train.label_smoothing=0.0   # two overrides
 
 optim.lr=0.4
@@ -92,6 +92,7 @@ def task_log(tmp_path: Path, job: str, task: int) -> str:
     return path.read_text(errors="replace") if path.exists() else "(no output file)"
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_one_task_per_line_into_its_own_folder_and_compares(slurm, shards, tmp_path):  # noqa: F811
     sweep = tmp_path / "lr.txt"
     sweep.write_text(LINES)
@@ -118,9 +119,14 @@ def test_a_sweep_runs_one_task_per_line_into_its_own_folder_and_compares(slurm, 
         },
         cwd=ROOT,
     )
-    deadline = time.monotonic() + 240
-    records = {}
+    # Task 0 (4 epochs) is signalled as SLURM would before its time limit, once its first epoch is on
+    # record: it saves, requeues itself and resumes, like a single run.
+    first = runs / "lr" / "0-lr0.1-epochs4" / "metrics.jsonl"
+    deadline, records, signalled = time.monotonic() + 300, {}, False
     while len(records) < 4:
+        if not signalled and first.exists() and first.read_text().strip():
+            slurm.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
+            signalled = True
         for task in set(range(4)) - set(records):
             record = slurm.job(f"{job}_{task}")
             if record.get("JobState") in FINISHED:
@@ -134,6 +140,11 @@ def test_a_sweep_runs_one_task_per_line_into_its_own_folder_and_compares(slurm, 
     logs = [task_log(tmp_path, job, t) for t in range(4)]
     for task in range(3):
         assert (records[task]["JobState"], records[task]["ExitCode"]) == ("COMPLETED", "0:0"), logs[task]
+    # SLURM may repeat scancel's USR1 to an array task for ~20 s: one requeue or more, never a lost task.
+    assert int(records[0]["Restarts"]) >= 1 and "requeueing job" in logs[0], logs[0]
+    assert re.search(r"resuming from \S*last\.pt: step [1-9]", logs[0]), logs[0]
+    assert [json.loads(line)["epoch"] for line in first.read_text().splitlines()] == [1, 2, 3, 4]
+    assert all(records[t]["Restarts"] == "0" for t in (1, 2))
     # The malformed line: its task fails with one line naming the file, the line and the close match.
     assert (records[3]["JobState"], records[3]["ExitCode"]) == ("FAILED", "2:0"), logs[3]
     assert (
@@ -142,17 +153,21 @@ def test_a_sweep_runs_one_task_per_line_into_its_own_folder_and_compares(slurm, 
     )
 
     folders = sorted(p.name for p in (runs / "lr").iterdir())
-    assert folders == ["0-lr0.1", "1-lr0.2-label_smoothing0.0", "2-lr0.4"]
+    assert folders == ["0-lr0.1-epochs4", "1-lr0.2-label_smoothing0.0", "2-lr0.4"]
     for folder, lr in zip(folders, (0.1, 0.2, 0.4), strict=True):
         config = yaml.safe_load((runs / "lr" / folder / "config.yaml").read_text())
         assert config["optim"]["lr"] == lr and config["run"]["dir"] == str(runs / "lr" / folder)
         assert config["logging"]["wandb_group"] == "lr"
         assert f"optim.lr={lr}" in config["derived"]["overrides"]
-        [run_file] = (runs / "lr" / folder / "wandb").glob("offline-run-*/run-*.wandb")
-        [run] = [r.run for r in wandb_records(run_file) if r.HasField("run")]
-        assert run.run_group == "lr", run
-        flat = {key(item): json.loads(item.value_json) for item in run.config.update}
-        assert flat["optim.lr"] == lr
+        # One W&B run per task (task 0's resumed run continues it: a second offline folder, one id).
+        files = sorted((runs / "lr" / folder / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == (2 if folder.startswith("0-") else 1), files
+        for run_file in files:
+            [run] = [r.run for r in wandb_records(run_file) if r.HasField("run")]
+            assert run.run_group == "lr", run
+            flat = {key(item): json.loads(item.value_json) for item in run.config.update}
+            assert flat["optim.lr"] == lr
+        assert len({f.name for f in files}) == 1
     assert (
         "train.label_smoothing=0.0"
         in yaml.safe_load((runs / "lr" / folders[1] / "config.yaml").read_text())["derived"]["overrides"]
