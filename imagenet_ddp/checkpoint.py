@@ -22,7 +22,8 @@ weights_only=True)` reads it and predict.py needs nothing else:
     optimizer, scaler, best_val_top1, nonfinite_streak, wandb_run_id, world_size
     config          the resolved config (a dict: config_from_dict(ckpt["config"]) rebuilds it)
     ranks           per rank: {"rng": RNG states, "epoch_totals": [loss sum, correct, samples],
-                    "loader": the train loader's state_dict (DALI: its reader checkpoint, ~500 bytes)}
+                    "loader": the train loader's state_dict (DALI: its reader checkpoint, ~500 bytes),
+                    "host": the hostname it ran on}
     weights_sha256  per rank: sha256 of the parameters (all equal: the replicas agree)
     init_from       where the starting weights came from ({"source", "sha256", "head", "head_rows_loaded"}),
                     or None for random initialisation

@@ -5,15 +5,20 @@
     python train_ddp.py --config configs/demo.yaml                (one process, no process group)
 
 Ranks come from torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
-Data is sharded by the global `rank`; the device is picked by `local_rank`.
+Data is sharded by the global `rank`; the device is picked by `local_rank`. Before the process group
+forms, the network interface it will use between nodes is checked (check_interface): a name this host
+lacks, or the loopback interface, is a one-line error rather than a traceback or a hang.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
+import ipaddress
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from contextlib import contextmanager
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from imagenet_ddp.errors import UserError
 
 # Exit status after a SIGTERM/SIGUSR1 stop with last.pt saved: EX_TEMPFAIL ("try again later") from
 # sysexits.h, so a job script can tell "requeue me" from success (0) and from a crash (1).
@@ -95,6 +102,62 @@ def _elastic_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"imagenet-ddp/group-{group}/", store)
 
 
+def _is_loopback(interface: str) -> bool:
+    """IFF_LOOPBACK from SIOCGIFFLAGS (/sys/class/net may show another network namespace's)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            request = struct.pack("256s", interface.encode()[:15])
+            flags = struct.unpack("H", fcntl.ioctl(s.fileno(), 0x8913, request)[16:18])[0]
+    except OSError:
+        return interface == "lo"
+    return bool(flags & 0x8)
+
+
+def _loopback_address(host: str) -> bool | None:
+    """Whether every address `host` resolves to is a loopback address; None when it does not resolve."""
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, socket.AF_INET)}
+    except OSError:
+        return None
+    return all(ipaddress.ip_address(a).is_loopback for a in found)
+
+
+def check_interface(backend: str, world_size: int, local_world: int) -> None:
+    """UserError when the backend would fail (an interface name this host lacks: gloo raises deep in
+    init, NCCL fails or hangs) or hang (several nodes meeting over the loopback interface, which the
+    other nodes cannot reach: gloo listens there when this host's name resolves to 127.0.x.x, as in
+    many distributions' /etc/hosts, or when its variable names `lo`)."""
+    var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    value, host = os.environ.get(var, ""), socket.gethostname()
+    names = [name for _, name in socket.if_nameindex()]
+    listed = f"this host ({host}) has {', '.join(names)}"
+    # All ranks on this machine (the rendezvous itself is on a loopback address): any interface works.
+    multi_node = world_size > local_world and not _loopback_address(os.environ.get("MASTER_ADDR", host))
+    if value:
+        if backend == "nccl" and value.startswith("^"):
+            return  # interfaces to avoid: NCCL picks among the others
+        exact = backend == "gloo" or value.startswith("=")
+        wanted = value.lstrip("=").split(",")
+        chosen = [n for n in names if any(n == w if exact else n.startswith(w) for w in wanted)]
+        if not chosen:
+            raise UserError(
+                f"{var}={value}: no such network interface; {listed}: set {var} to the interface "
+                "that connects the nodes, or unset it"
+            )
+        if multi_node and all(_is_loopback(n) for n in chosen):
+            raise UserError(
+                f"{var}={value} is the loopback interface, which the other nodes cannot reach: set it to "
+                f"the interface that connects the nodes; {listed}"
+            )
+    elif backend == "gloo" and multi_node and _loopback_address(host) is not False:
+        how = "does not resolve" if _loopback_address(host) is None else "resolves to a loopback address"
+        raise UserError(
+            f"this host's name {host} {how}, so gloo would listen on the loopback interface, which the "
+            f"other nodes cannot reach: set GLOO_SOCKET_IFNAME to the interface that connects the "
+            f"nodes; {listed}"
+        )
+
+
 _store = None  # the group's key-value store (torchrun's agent or, without torchrun, rank 0 serves it)
 
 
@@ -112,6 +175,7 @@ def setup(timeout_s: float = 900) -> DistEnv:
             torch.set_num_threads(max(1, cores // local_world))
     if world_size > 1:
         global _store
+        check_interface("nccl" if device.type == "cuda" else "gloo", world_size, local_world)
         timeout = datetime.timedelta(seconds=timeout_s)
         _store = _elastic_store(world_size, timeout)
         dist.init_process_group(
@@ -157,6 +221,27 @@ def silent_ranks(rank: int, world_size: int, wait_s: float) -> list[int] | None:
         return silent
     except (dist.DistError, RuntimeError, OSError):
         return None
+
+
+def sum_gradients_in_rank_order(model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """For train.deterministic with more than two ranks: DDP's all-reduce adds an element's gradients
+    in an order set by where the element lies in its bucket, and DDP lays the buckets out again after
+    its first step (in the order the gradients became ready). A run resumed from a checkpoint does its
+    first step in the first layout, where the uninterrupted run was in the second: float addition is
+    not associative, and the weights drift apart by ~1e-7 (with two ranks, a + b = b + a: no drift).
+    This hook gathers every rank's gradients and adds them in rank order, wherever they lie: the same
+    sums in both layouts, for world_size times a bucket's memory and an all-gather per bucket."""
+    world_size = dist.get_world_size()
+    if world_size <= 2:
+        return
+
+    def hook(_, bucket):
+        mean = bucket.buffer().div_(world_size)  # as DDP's own all-reduce: divide, then add
+        parts = [torch.empty_like(mean) for _ in range(world_size)]
+        gathered = dist.all_gather(parts, mean, async_op=True).get_future()
+        return gathered.then(lambda _: torch.stack(parts).sum(0))
+
+    model.register_comm_hook(None, hook)
 
 
 def teardown() -> None:

@@ -102,7 +102,7 @@ def latest_checkpoint(cfg, ckpts) -> tuple[dict, Any] | None:
 def set_up(cfg, env, found) -> Run:
     seed_everything(cfg.train.seed, env.rank, cfg.train.deterministic)
     data = loader_config(cfg)
-    if data.stage_dir:
+    if data.stage_dir and data.backend != "synthetic":
         stage_shards(data, env, cfg.train.seed, range(found[0]["epoch"] if found else 0, cfg.train.epochs))
     where = {"rank": env.rank, "world_size": env.world_size, "device": env.device, "seed": cfg.train.seed}
     train_loader = build_loader(data, "train", **where)
@@ -258,7 +258,9 @@ class Saver:
         state, ckpts, tracker = self.run.state, self.ckpts, self.tracker
         # Every rank's RNG state and loader position, so a resumed rank continues its own streams,
         # and every rank's weights digest: replicas that drifted apart would be a silent bug.
+        # The host too: the run's record of where each rank ran (a multi-node job's placement).
         mine = {**state.rank_state(), "loader": self.run.train_loader.state_dict()}
+        mine["host"] = socket.gethostname()
         weights = ck.unwrap(state.model).state_dict()
         per_rank = all_gather_object((mine, ck.weights_digest(state.model), ck.nonfinite_tensors(weights)))
         bad = next((bad for _, _, bad in per_rank if bad), None)

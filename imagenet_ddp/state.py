@@ -20,7 +20,7 @@ from torch import nn
 from imagenet_ddp.checkpoint import rng_state, set_rng_state, unwrap
 from imagenet_ddp.config import Config
 from imagenet_ddp.data.mixing import BatchAugment
-from imagenet_ddp.dist import DistEnv
+from imagenet_ddp.dist import DistEnv, sum_gradients_in_rank_order
 from imagenet_ddp.finetune import freeze, head_name
 from imagenet_ddp.losses import build_criterion
 from imagenet_ddp.models import adapter_for, deterministic_pooling
@@ -249,6 +249,8 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if t.deterministic:
+            sum_gradients_in_rank_order(model)  # a resumed run sums as the uninterrupted one did
     # After DDP, which gave every rank rank 0's initial weights: the EMA starts from those.
     ema = Ema(model, d.ema_decay) if t.ema_decay > 0 else None
     if t.compile:
