@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# SLURM for the tests in tests/test_slurm.py: the distribution's packages, nothing else.
+# SLURM for the tests in tests/test_slurm.py and tests/test_slurm_multinode.py: the distribution's
+# packages, nothing else (iproute2 and util-linux make the two-node cluster's network namespaces).
 #
-#   .ci/slurm.sh install    # apt-get install slurmctld slurmd slurm-client munge (no-op when present)
+#   .ci/slurm.sh install    # apt-get install slurmctld slurmd slurm-client munge iproute2 (no-op when present)
 #   .ci/slurm.sh check      # exit 0 when the binaries the tests need are installed
 #
 # The packages start no services (and CI has no systemd): the pytest fixture in
-# tests/slurm_cluster.py starts a private munged, slurmctld and slurmd and stops them by PID.
+# tests/slurm_cluster.py starts a private munged, slurmctld and slurmd(s) and stops them by PID.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge)
-BINARIES=(/usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged sbatch scontrol sinfo munge)
+PACKAGES=(slurmctld slurmd slurm-client munge iproute2 util-linux)
+BINARIES=(/usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged sbatch scontrol sinfo munge ip nsenter unshare)
 
 have_all() {
     local b

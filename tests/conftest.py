@@ -1,6 +1,6 @@
 """Fixtures shared by test modules: a real headless Chromium (.ci/browser.sh installs it and
-chromedriver), and the `needs` mark (tests/needs.py): without an optional part a test skips, except
-under CI=true where it fails."""
+chromedriver), a two-node SLURM cluster (tests/slurm_cluster.py), and the `needs` mark
+(tests/needs.py): without an optional part a test skips, except under CI=true where it fails."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs"):
         for part in mark.args:
             needs(part)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """A private two-node SLURM cluster (tests/slurm_cluster.py: node1 and node2, each with its own
+    network namespace, address, hostname and node-local folder), for the whole session."""
+    from tests.slurm_cluster import started
+
+    with started(nodes=2) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

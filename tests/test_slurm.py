@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import fixtures
-from tests.needs import unavailable
-from tests.slurm_cluster import FINISHED, SlurmCluster, SlurmError, SlurmUnavailable
+from tests.slurm_cluster import FINISHED, SlurmError, started
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +34,8 @@ STEPS_PER_EPOCH = CLASSES * TRAIN_PER_CLASS // (BATCH * RANKS)
 
 @pytest.fixture(scope="session")
 def slurm():
-    # Not under pytest's tmp dir: munged (user munge) must be able to reach its socket through every parent.
-    root = Path(tempfile.mkdtemp(prefix="imagenet-ddp-slurm-"))
-    try:
-        try:
-            cluster, why = SlurmCluster.start(root), None
-        except SlurmUnavailable as e:
-            why = str(e)
-        if why:
-            unavailable(f"no SLURM here: {why}")
-        with cluster:
-            print(f"SLURM cluster up in {cluster.start_seconds:.1f} s ({root})")
-            yield cluster
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with started(nodes=1) as cluster:
+        yield cluster
 
 
 def job_env(**extra) -> dict:
