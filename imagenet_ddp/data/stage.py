@@ -171,8 +171,11 @@ def _copy_verified(shard: Shard, dest: Path) -> None:
         "index_bytes": (dest.parent / shard.index_path.name).stat().st_size,
     }
     record_tmp = _record_path(tmp)
-    record_tmp.write_text(json.dumps(record))
-    os.replace(record_tmp, _record_path(dest))
+    try:
+        record_tmp.write_text(json.dumps(record))
+        os.replace(record_tmp, _record_path(dest))
+    finally:
+        record_tmp.unlink(missing_ok=True)
 
 
 def stage_node(cfg, ranks: list[int], world_size: int, seed: int, epochs: range) -> Report:
