@@ -129,6 +129,20 @@ def test_without_layer_decay_adamw_has_timms_two_groups(built):
     assert ours_groups == described(timm_model, reference, "lr_scale")
 
 
+def test_wd_on_norm_and_bias_is_timms_filter_bias_and_bn_false(built):
+    """Norm layers and biases decayed too (timm: filter_bias_and_bn=False); the model's no-weight-decay names
+    still exempt, as in timm."""
+    ours_model, timm_model = copy.deepcopy(built["test_vit"]), copy.deepcopy(built["test_vit"])
+    o = OptimConfig(name="adamw", weight_decay=WD, layer_decay=DECAY, wd_on_norm_and_bias=True)
+    ours = build_optimizer(model_param_groups(ours_model, o, adapter_for("timm/test_vit")), o, 1e-3, "cpu")
+    reference = create_optimizer_v2(
+        timm_model, "adamw", lr=1e-3, weight_decay=WD, layer_decay=DECAY, filter_bias_and_bn=False
+    )
+    want = described(timm_model, reference, "lr_scale")
+    assert described(ours_model, ours, "lr_mult") == want
+    assert [n for names, wd, _ in want if wd == 0 for n in names] == ["cls_token", "pos_embed"]
+
+
 def test_backbone_lr_mult_multiplies_the_layer_scale_outside_the_head(built):
     model = copy.deepcopy(built["test_vit"])
     adapter = adapter_for("timm/test_vit")
