@@ -119,7 +119,6 @@ class DataConfig:
     extra_eval: list[str] = field(default_factory=list)
     extra_eval_every: int = 0  # epochs between the extra evaluations, which also follow the last epoch; 0: only then
 
-
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise UserError(f"data.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
