@@ -144,7 +144,7 @@ RECIPE_KEYS = {
         "precision",
         "grad_clip",
     ),
-    "model": ("name", "init_from", "drop_path"),
+    "model": ("name", "init_from", "drop_path", "kwargs", "conv_init"),
     "optim": ("name", "weight_decay", "warmup_overlaps_decay"),
 }
 
@@ -153,7 +153,9 @@ RECIPE_KEYS = {
 RECIPE_ANCHORS = {
     "torchvision_resnet50_v2": "torchvision-rn50-v2",
     "torchvision_regnet_y_1_6gf": "torchvision-regnet-y-1.6gf",
+    "deit_small": "deit-small",
     "convnext_tiny": "convnext-tiny",
+    "vit_small_beyer": "vit-s16-beyer",
 }
 
 
