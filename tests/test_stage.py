@@ -169,6 +169,28 @@ def test_a_second_run_reuses_the_copies_and_a_damaged_one_is_copied_again(shared
     assert filecmp.cmp(damaged, shared / split.split / damaged.name, shallow=False)
 
 
+def test_a_resumed_run_stages_the_epochs_left_again_on_another_node_and_reuses_on_the_same(shared, tmp_path):
+    world, cfg_a, cfg_b = 4, config(shared, tmp_path / "node-a"), config(shared, tmp_path / "node-b")
+    whole = stage_node(cfg_a, [0, 1], world, 0, range(0, 4))  # the first job, on node a: epochs 0-3
+    assert whole.copied > 0
+    # Requeued after epoch 1 and resumed on node b (the checkpoint's epoch is 2): only epochs 2-3 there.
+    other = stage_node(cfg_b, [0, 1], world, 0, range(2, 4))
+    train = open_split(shared, "train")
+    sizes = [s.num_samples for s in train.shards]
+    left = needed_shards(cfg_b, sizes, [0, 1], world, 0, range(2, 4), True)
+    first = needed_shards(cfg_b, sizes, [0, 1], world, 0, range(0, 2), True)
+    val = needed_shards(
+        cfg_b, [s.num_samples for s in open_split(shared, "val").shards], [0, 1], world, 0, range(1), False
+    )
+    assert {n for n, p in staged_tars(tmp_path / "node-b").items() if p.parent.name == "train"} == {
+        train.shards[i].path.name for i in left
+    }
+    assert set(left) != set(first) and (other.copied, other.reused) == (len(left) + len(val), 0)
+    # Resumed on node a instead: everything is there already.
+    again = stage_node(cfg_a, [0, 1], world, 0, range(2, 4))
+    assert (again.copied, again.reused) == (0, other.copied)
+
+
 @pytest.fixture
 def small_disk(request):
     """A tmpfs too small for the shards (size), or one whose file slots run out (inodes: ENOSPC on create)."""
