@@ -190,7 +190,9 @@ def score_split(model: nn.Module, loader, plan: SplitPlan, state, rank: int = 0,
         totals[2] += hits.any(1).sum()
         totals[3] += len(labels)
         if plan.real is not None:  # reading back the predictions: a sync per batch, evaluation only
-            positions = torch.arange(first + seen, first + seen + int(valid.sum()))[known.cpu()]
+            real_valid = int(valid.sum())
+            positions = torch.arange(first + seen, first + seen + real_valid)[known.cpu()]
+            seen += real_valid
             real_hits = real_count = 0
             for position, predicted in zip(positions.tolist(), top[:, 0].tolist(), strict=True):
                 real = plan.real[position]
@@ -198,7 +200,6 @@ def score_split(model: nn.Module, loader, plan: SplitPlan, state, rank: int = 0,
                 real_hits += predicted in real
             totals[4] += real_hits
             totals[5] += real_count
-        seen += int(valid.sum())
     all_reduce_sum(totals)
     model.train(was_training)
     loss, top1, top5, count, real_hits, real_count = totals.tolist()
