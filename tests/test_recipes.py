@@ -173,6 +173,16 @@ def test_a_recipes_expected_figure_and_epochs_are_its_anchors(recipe, anchor):
     assert abs(100 * point["top1"] - expected) < 0.06, (point, expected)
 
 
+REPEATING = [r for r in RECIPES if load_config(r).data.repeated_aug > 1]
+
+
+@pytest.mark.parametrize("recipe", REPEATING, ids=[p.stem for p in REPEATING])
+def test_the_command_of_a_recipe_with_repeated_augmentation_starts_enough_processes(recipe):
+    """data.repeated_aug=k needs k ranks at least: the header's torchrun command starts them."""
+    nproc = int(re.search(r"--nproc_per_node=(\d+)", recipe.read_text())[1])
+    assert 1 < load_config(recipe).data.repeated_aug <= nproc
+
+
 EVERYTHING = (
     "data.auto_augment=ta_wide",
     "data.random_erase=0.5",
