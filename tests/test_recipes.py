@@ -1,8 +1,9 @@
 """Every recipe in configs/ runs as written, on both backends: 2 optimizer steps and one validation on
 fixture shards, with only the sizes (image sides scaled to 32 px, the shuffle buffer), the batch, the
-loader's worker count, the epoch count and where it writes overridden. Everything else (compile,
-gradient accumulation, the eval resize and crop ratio, init_from, the policy, the loss) is the
-recipe's; torchvision weights a recipe starts from are a local file of the right architecture in
+loader's worker count, the epoch count and where it writes overridden (and repeated augmentation, which
+needs k processes, off in these single-process runs). Everything else (compile, gradient accumulation,
+the eval resize, crop ratio and filter, init_from, the model's kwargs, the policy, the loss, the
+optimizer and its schedule) is the recipe's; torchvision weights a recipe starts from are a local file of the right architecture in
 TORCH_HOME, as they would be after a download (this machine is offline).
 
 And with every ingredient on at once, a run killed mid-epoch resumes to bitwise-identical weights.
