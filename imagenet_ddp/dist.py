@@ -129,7 +129,10 @@ def check_interface(backend: str, world_size: int, local_world: int) -> None:
     many distributions' /etc/hosts, or when its variable names `lo`)."""
     var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
     value, host = os.environ.get(var, ""), socket.gethostname()
-    names = [name for _, name in socket.if_nameindex()]
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:  # no way to list them here: leave the choice to the backend
+        return
     listed = f"this host ({host}) has {', '.join(names)}"
     # All ranks on this machine (the rendezvous itself is on a loopback address): any interface works.
     multi_node = world_size > local_world and not _loopback_address(os.environ.get("MASTER_ADDR", host))

@@ -200,7 +200,10 @@ def test_a_wrong_interface_name_is_a_one_line_error_on_every_node_not_a_hang(
     two_node_cluster, shards, tmp_path
 ):
     run_dir = tmp_path / "run"
-    job, log = submit(two_node_cluster, shards, run_dir, GLOO_SOCKET_IFNAME="nonexistent0")
+    # One process per node: the check runs in each before the process group forms.
+    job, log = submit(
+        two_node_cluster, shards, run_dir, GLOO_SOCKET_IFNAME="nonexistent0", NPROC_PER_NODE="1"
+    )
     record = finished(two_node_cluster, job, log)  # within minutes, not run.timeout_s (900 s)
     out = text(log)
     assert record["JobState"] == "FAILED" and record["Restarts"] == "0", out
