@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.netns import Network, NetworkUnavailable
+from tests.netns import Network, NetworkError, NetworkUnavailable
 
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 # Job states after which a job does not run again (a requeued job goes back to PENDING instead).
@@ -441,7 +441,7 @@ def started(nodes: int = 1):
     try:
         try:
             cluster, why = SlurmCluster.start(root, nodes), None
-        except (SlurmUnavailable, NetworkUnavailable) as e:
+        except (SlurmUnavailable, NetworkUnavailable, NetworkError) as e:  # NetworkError: no CAP_NET_ADMIN
             why = str(e)
         if why:
             unavailable(f"no {nodes}-node SLURM here: {why}")
