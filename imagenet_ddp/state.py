@@ -240,7 +240,9 @@ def make_state(model: nn.Module, cfg: Config, env: DistEnv) -> TrainState:
     frozen_norms = freeze(model, cfg.model.name, cfg.model.freeze)  # before DDP: it skips frozen ones
     # channels_last where the model gains from it: not ViTs (their one convolution embeds patches).
     channels_last = t.channels_last and adapter_for(cfg.model.name).channels_last(model)
-    model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = model.to(
+        env.device, memory_format=torch.channels_last if channels_last else torch.preserve_format
+    )
     # SGD is fused: one kernel for all parameters, and it skips a non-finite step on the device. The
     # other optimizers (timm's) skip on the host: one sync per step (engine._step_unless).
     head = model.get_submodule(head_name(cfg.model.name, model)) if o.backbone_lr_mult != 1.0 else None
