@@ -80,7 +80,9 @@ def test_torchrun_on_two_hosts_with_a_c10d_rendezvous_on_the_first_trains_to_the
     # The documented command, two processes per host; the interface is found from the hostname.
     launch = ["--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29400"]
     argv = [TORCHRUN, *launch, "--rdzv-id=netns", "train_ddp.py", "--config", "configs/demo.yaml"]
-    argv += small_run(shards, run_dir, "train.epochs=1", "train.batch_size=4")
+    argv += small_run(
+        shards, run_dir, "train.epochs=1", "train.batch_size=4", "model.name=mobilenet_v3_small"
+    )
     env = {k: v for k, v in environment(tmp_path).items() if not k.endswith("_SOCKET_IFNAME")}
     done = on_both(network, argv, env)
     logs = "\n".join(d.stdout for d in done)
