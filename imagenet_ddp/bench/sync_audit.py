@@ -167,7 +167,9 @@ def audit_recipe(recipe: str, overrides: list[str], device: torch.device, steps:
     from imagenet_ddp.state import make_state
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device(device))
-    cfg = load_config(recipe, overrides)
+    # One process: a recipe's repeated augmentation (copies on k ranks) is left out; it changes which
+    # samples a rank reads, not what a step does with them.
+    cfg = load_config(recipe, [*overrides, "data.repeated_aug=1"])
     with build_loader(loader_config(cfg), "train", rank=0, world_size=1, device=env.device, seed=0) as loader:
         cfg = resolve(cfg, 1, env.device.type, len(loader))
         model = build_model(**architecture(cfg.model.name, loader.num_classes))
