@@ -169,7 +169,7 @@ CASES = [
     ("step-gamma-zero", "train", TRAIN + "optim.step_gamma=0", 2, "optim.step_gamma in (0, 1]"),
     ("min-lr-factor-2", "train", TRAIN + "optim.min_lr_factor=2", 2, "optim.min_lr_factor"),
     ("ref-batch-negative", "train", TRAIN + "optim.ref_batch_size=-1", 2, "optim.ref_batch_size must be >= 0"),
-    ("optimizer-unknown", "train", TRAIN + "optim.name=adamw", 2, "optim.name: 'adamw' is not one of"),
+    ("optimizer-unknown", "train", TRAIN + "optim.name=adamx", 2, "optim.name: 'adamx' is not one of"),
     ("schedule-typo", "train", TRAIN + "optim.schedule=cosin", 2, "did you mean 'cosine'"),
     ("warmup-huge", "train", TRAIN + "optim.warmup_epochs=1e308", 2, "optim.warmup_epochs must be in [0, 100000]"),
     ("epochs-huge", "train", TRAIN + "train.epochs=10000000", 2, "train.epochs must be at most 100000"),
