@@ -24,6 +24,13 @@ from imagenet_ddp.errors import ArgumentParser, UserError
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def error_line(line: str) -> None:
+    """One write per line: stderr writes through, and print's separate newline let the lines of
+    two ranks sharing a pipe run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def parse_args(argv):
     p = ArgumentParser(
         prog="train_ddp.py",
@@ -76,19 +83,19 @@ def _main(argv, early: list[int]) -> int:
                     message = collective_failure(e, env, cfg.run.timeout_s)
                     if message is None:
                         raise
-                    print(f"{prefix} {message}", file=sys.stderr, flush=True)
+                    error_line(f"{prefix} {message}")
                     return 1
         finally:
             stop.uninstall()
     except UserError as e:
-        print(f"{prefix} {e}", file=sys.stderr, flush=True)
+        error_line(f"{prefix} {e}")
         return 2
     except KeyboardInterrupt:
-        print("train_ddp.py: interrupted; run the same command again to resume", file=sys.stderr)
+        error_line("train_ddp.py: interrupted; run the same command again to resume")
         return 130
     except Exception:  # a bug or an environment problem: the traceback follows this line
         where = f"training in run.dir {cfg.run.dir}" if "cfg" in locals() else "reading the config"
-        print(f"{prefix} unexpected error while {where} (traceback below)", file=sys.stderr, flush=True)
+        error_line(f"{prefix} unexpected error while {where} (traceback below)")
         raise
 
 

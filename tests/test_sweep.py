@@ -159,9 +159,13 @@ def test_a_sweep_runs_one_task_per_line_into_its_own_folder_and_compares(slurm, 
         assert config["optim"]["lr"] == lr and config["run"]["dir"] == str(runs / "lr" / folder)
         assert config["logging"]["wandb_group"] == "lr"
         assert f"optim.lr={lr}" in config["derived"]["overrides"]
-        # One W&B run per task (task 0's resumed run continues it: a second offline folder, one id).
+        # One W&B run per task (task 0's resumed runs continue it: an offline folder per start that
+        # reached training, SLURM's repeated USR1 may requeue it more than once, one id).
         files = sorted((runs / "lr" / folder / "wandb").glob("offline-run-*/run-*.wandb"))
-        assert len(files) == (2 if folder.startswith("0-") else 1), files
+        if folder.startswith("0-"):
+            assert 2 <= len(files) <= 1 + int(records[0]["Restarts"]), files
+        else:
+            assert len(files) == 1, files
         for run_file in files:
             [run] = [r.run for r in wandb_records(run_file) if r.HasField("run")]
             assert run.run_group == "lr", run
