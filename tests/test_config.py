@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_ddp.config import ConfigError, dump_yaml, flat, load_config, resolve, validate
+from imagenet_ddp.config import (
+    ConfigError,
+    cpu_has_bf16,
+    dump_yaml,
+    flat,
+    load_config,
+    resolve,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -128,6 +136,21 @@ def test_rules_between_values_are_checked():
         resolve(cfg, 1, "cpu", 10)
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the kernel's CPU flags")
+def test_auto_precision_on_a_cpu_is_bf16_only_where_the_cpu_runs_it_natively():
+    """The kernel's CPU flags are the reference: native bf16 (AVX512-BF16, AMX) or AVX-512, which
+    oneDNN uses for bf16, gives bf16; an AVX2-only CPU, where bf16 is emulated (~10-20x slower than
+    fp32 per step), gives fp32."""
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    cfg = load_config(None, ["train.batch_size=8"])
+    precision = resolve(cfg, world_size=1, device_type="cpu", batches_per_epoch=10).derived.precision
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert precision == "bf16"
+    elif "avx512bw" not in flags:
+        assert precision == "fp32"
+    assert precision == ("bf16" if cpu_has_bf16() else "fp32")
+
+
 def test_derived_values_are_computed_in_one_place():
     cfg = load_config(
         None, ["train.batch_size=64", "train.grad_accum=2", "optim.lr=0.1", "optim.warmup_epochs=2"]
@@ -136,7 +159,7 @@ def test_derived_values_are_computed_in_one_place():
     assert d.global_batch_size == 64 * 4 * 2
     assert d.lr == pytest.approx(0.1 * 512 / 256)
     assert (d.steps_per_epoch, d.total_steps, d.warmup_steps) == (50, 50 * 90, 100)
-    assert d.precision == "bf16"
+    assert d.precision == ("bf16" if cpu_has_bf16() else "fp32")  # auto: never emulated bf16
     assert d.eval_resize == 256
     unscaled = load_config(None, ["optim.ref_batch_size=0", "optim.lr=0.3"])
     assert resolve(unscaled, 8, "cpu", 10).derived.lr == 0.3
