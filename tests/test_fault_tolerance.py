@@ -72,6 +72,15 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
     return log
 
 
+def kill_rank_1_after(proc, checkpoint: Path) -> str:
+    """SIGKILL rank 1 of torchrun `proc` once `checkpoint` is written; the run's log once it ends."""
+    wait_for(lambda: checkpoint.exists() or proc.poll() is not None, what=checkpoint.name)
+    victim = workers(proc.pid).get(1)
+    assert victim is not None, "rank 1 already gone: the run ended before it could be killed"
+    os.kill(victim, signal.SIGKILL)
+    return finish(proc)
+
+
 def wait_for(condition, timeout: float = 120, what: str = "") -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -106,11 +115,7 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_bitwise_as_an
     killed = tmp_path / "killed"
     proc = start(torchrun(*small_run(shards, killed, *SAME), restarts=3), env)
     # Mid-epoch: steps 1-6 are epoch 1; step 8's checkpoint is in the middle of epoch 2.
-    wait_for(lambda: (killed / "step-00000008.pt").exists() or proc.poll() is not None, what="step 8")
-    victim = workers(proc.pid).get(1)
-    assert victim is not None, "rank 1 already gone: the run ended before it could be killed"
-    os.kill(victim, signal.SIGKILL)
-    log = finish(proc)
+    log = kill_rank_1_after(proc, killed / "step-00000008.pt")
     assert proc.returncode == 0, log
     # The restarted group continued from a checkpoint in the middle of epoch 2, not from scratch.
     resumed = re.search(r"resuming from \S+: step (\d+) \(epoch 1 batch (\d+)", log)

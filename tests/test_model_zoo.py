@@ -8,8 +8,6 @@ python -m pytest tests/test_model_zoo.py -q
 
 from __future__ import annotations
 
-import os
-import signal
 from collections import Counter
 from pathlib import Path
 
@@ -288,7 +286,7 @@ def zoo_shards(tmp_path_factory) -> Path:
 def test_a_timm_model_trains_on_two_ranks_resumes_bitwise_after_a_kill_and_exports(
     name, zoo_shards, tmp_path, capsys
 ):
-    from tests.test_fault_tolerance import assert_same_weights, finish, torchrun, wait_for, workers
+    from tests.test_fault_tolerance import assert_same_weights, finish, kill_rank_1_after, torchrun
     from tests.test_train import small_run
     from tests.test_train_ddp import environment, start
 
@@ -298,11 +296,7 @@ def test_a_timm_model_trains_on_two_ranks_resumes_bitwise_after_a_kill_and_expor
     uninterrupted = start(torchrun(*small_run(zoo_shards, whole, *args)), env)
     assert "done:" in finish(uninterrupted)
     proc = start(torchrun(*small_run(zoo_shards, killed, *args), restarts=2), env)
-    wait_for(lambda: (killed / "step-00000008.pt").exists() or proc.poll() is not None, what="step 8")
-    victim = workers(proc.pid).get(1)
-    assert victim is not None, "rank 1 already gone: the run ended before it could be killed"
-    os.kill(victim, signal.SIGKILL)
-    log = finish(proc)
+    log = kill_rank_1_after(proc, killed / "step-00000008.pt")
     assert proc.returncode == 0 and "resuming from" in log, log
     reference = load(whole / "last.pt")
     assert_same_weights(reference, load(killed / "last.pt"))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,8 +20,7 @@ from imagenet_ddp.data.base import count_steps
 from imagenet_ddp.data.shardset import open_split, read_index
 from imagenet_ddp.errors import UserError
 from tests.fixtures import make_imagenet_extracted
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_loaders import make_shards
 
 
 def ra_sampler(num_samples: int, world_size: int, repeats: int, seed: int = 0) -> list[list[int]]:
@@ -187,10 +184,7 @@ def unique(tmp_path_factory) -> Path:
     make_imagenet_extracted(
         src, num_classes=CLASSES, per_class=1, val_per_class=1, bad=False, side_range=(24, 40)
     )
-    out = tmp_path_factory.mktemp("ra-shards")
-    cmd = [sys.executable, "make_shards.py", "folder", "--src", str(src), "--out", str(out)]
-    subprocess.run(cmd + ["--shard-size", "60", "--workers", "1"], cwd=REPO, check=True, capture_output=True)
-    return out
+    return make_shards(src, tmp_path_factory.mktemp("ra-shards"), shard_size=60)
 
 
 def config(root: Path, backend: str, workers: int) -> DataConfig:
